@@ -1,0 +1,98 @@
+"""MoE-BERT configuration: every `BertConfig` field plus the MoE fields."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers.models.bert.configuration_bert import BertConfig
+
+from .moe import resolve_moe_layers, validate_moe_fields
+
+# Written into every saved config.json, so a Hub folder loads every class with `trust_remote_code=True` on a
+# machine without ptmoe (transformers would otherwise record only the class that was saved).
+AUTO_MAP = {
+    "AutoConfig": "configuration_moe_bert.MoeBertConfig",
+    "AutoModel": "modeling_moe_bert.MoeBertModel",
+    "AutoModelForMaskedLM": "modeling_moe_bert.MoeBertForMaskedLM",
+    "AutoModelForSequenceClassification": "modeling_moe_bert.MoeBertForSequenceClassification",
+    "AutoModelForTokenClassification": "modeling_moe_bert.MoeBertForTokenClassification",
+    "AutoModelForQuestionAnswering": "modeling_moe_bert.MoeBertForQuestionAnswering",
+}
+
+
+@strict
+class MoeBertConfig(BertConfig):
+    r"""
+    Configuration of a MoE-BERT model: a BERT encoder whose feed-forward networks in `moe_layers` are replaced
+    by a sparse Mixture-of-Experts block (`router` + `experts.{i}.wi` / `experts.{i}.wo`).
+
+    Every [`BertConfig`] argument is accepted. MoE arguments:
+
+    Args:
+        num_experts (`int`, defaults to 8): routed experts per MoE layer.
+        num_experts_per_tok (`int`, defaults to 2): experts each token uses (k). Must be 1 for `"switch"`.
+        moe_layers (`list[int]` or `int`, defaults to 2): 0-based indices of the MoE layers, or a step n
+            meaning every n-th layer (layers n-1, 2n-1, …). `None`/`[]`: a dense BERT.
+        router_type (`str`, defaults to `"topk"`): `"topk"`, `"switch"` (top-1 with capacity), `"noisy_topk"`
+            (Shazeer et al. 2017) or `"hash"` (fixed routing by token id, Roller et al. 2021).
+        capacity_factor (`float`, defaults to 1.25) / eval_capacity_factor (`float`, defaults to 2.0): Switch
+            expert capacity in training / eval, as a multiple of the even share of the tokens of a sequence.
+        expert_capacity (`int`, *optional*): absolute per-sequence capacity overriding the factors (the format of
+            transformers' Switch Transformers checkpoints).
+        router_jitter_noise (`float`, defaults to 0.0): multiplicative router input noise in training.
+        router_aux_loss_coef (`float`, defaults to 0.01): load-balancing loss coefficient.
+        router_z_loss_coef (`float`, defaults to 0.001): router z-loss coefficient.
+        router_importance_loss_coef (`float`, defaults to 0.0): importance (CV²) loss coefficient.
+        norm_topk_prob (`bool`, defaults to `True`): renormalise the k chosen weights to sum to 1 (`"topk"`).
+        num_shared_experts (`int`, defaults to 0): always-active experts added to the routed ones.
+        expert_intermediate_size (`int`, *optional*): expert FFN width (default `intermediate_size`; smaller
+            for partitioned upcycling).
+        router_init (`str`, defaults to `"normal"`): `"normal"` (N(0, initializer_range)) or `"zeros"`.
+        output_router_logits (`bool`, defaults to `False`): return per-layer `router_logits` and `expert_index`.
+        upcycled_from / upcycling_method / upcycling_seed: provenance written by `ptmoe.upcycle`.
+
+    Example:
+
+    ```python
+    >>> import ptmoe
+    >>> config = ptmoe.MoeBertConfig(num_experts=8, num_experts_per_tok=1, router_type="switch", moe_layers=2)
+    >>> model = ptmoe.MoeBertForMaskedLM(config)
+    ```
+    """
+
+    model_type = "moe_bert"
+
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    moe_layers: list[int] | int | None = 2
+    router_type: str = "topk"
+    capacity_factor: float | int = 1.25
+    eval_capacity_factor: float | int = 2.0
+    expert_capacity: int | None = None
+    router_jitter_noise: float | int = 0.0
+    router_aux_loss_coef: float | int = 0.01
+    router_z_loss_coef: float | int = 0.001
+    router_importance_loss_coef: float | int = 0.0
+    norm_topk_prob: bool = True
+    num_shared_experts: int = 0
+    expert_intermediate_size: int | None = None
+    router_init: str = "normal"
+    output_router_logits: bool = False
+    upcycled_from: str | None = None
+    upcycling_method: str | None = None
+    upcycling_seed: int | None = None
+
+    def __post_init__(self, **kwargs):
+        validate_moe_fields(self)
+        if self.is_decoder or self.add_cross_attention:
+            raise ValueError("MoE-BERT is an encoder: `is_decoder` and `add_cross_attention` must be False")
+        resolve_moe_layers(self.moe_layers, self.num_hidden_layers, "moe_layers")
+        super().__post_init__(**kwargs)
+        self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
+
+    @property
+    def moe_layer_indices(self) -> list[int]:
+        """The MoE layer indices as a sorted list (resolving an every-n-th step)."""
+        return resolve_moe_layers(self.moe_layers, self.num_hidden_layers, "moe_layers")
+
+
+__all__ = ["MoeBertConfig"]

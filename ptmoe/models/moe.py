@@ -1,0 +1,654 @@
+"""Mixture-of-Experts building blocks shared by every ptmoe model family.
+
+The data path of one MoE feed-forward layer::
+
+    hidden_states ──► router ──► RouterOutput(router_logits, router_probs, topk_index, topk_weights, dispatch_mask)
+                                      │
+                                      └─► experts.{i} (only the tokens routed to i) ──► weighted sum ──► output
+
+This file travels inside Hub checkpoints next to the modeling files (``trust_remote_code``), so it imports
+only torch and transformers — never ``ptmoe``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+
+ROUTER_TYPES = ("topk", "switch", "noisy_topk", "hash")
+HASH_ROUTER_SEED = 1234  # fixed: the token → expert table must not depend on the global RNG
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Configuration helpers (used by every MoE config class)
+# --------------------------------------------------------------------------------------------------------------
+def resolve_moe_layers(
+    spec: int | Sequence[int] | None, num_layers: int, field: str = "moe_layers"
+) -> list[int]:
+    """Turn a MoE layer specification into a sorted list of layer indices.
+
+    Args:
+        spec (`int`, `list[int]` or `None`):
+            An explicit list of 0-based layer indices, or an integer step ``n`` meaning "every n-th layer"
+            (layers ``n-1, 2n-1, …``: with ``n=2`` the 2nd, 4th, … layers, as in Switch Transformer and
+            GShard; with ``n=1`` every layer). ``None`` or ``[]`` means no MoE layer.
+        num_layers (`int`): number of layers in the stack.
+        field (`str`): the config field name, used in error messages.
+    """
+    if spec is None:
+        return []
+    if isinstance(spec, bool):
+        raise ValueError(f"`{field}` must be a list of layer indices or an integer step, got {spec!r}")
+    if isinstance(spec, int):
+        if spec < 1:
+            raise ValueError(
+                f"`{field}` as an integer is a step (every n-th layer) and must be >= 1, got {spec}"
+            )
+        return [i for i in range(num_layers) if i % spec == spec - 1]
+    layers = list(spec)
+    for index in layers:
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise ValueError(f"`{field}` must contain integer layer indices, got {index!r}")
+        if not 0 <= index < num_layers:
+            raise ValueError(
+                f"`{field}` contains layer index {index}, but the stack has {num_layers} layers "
+                f"(valid indices are 0..{num_layers - 1})"
+            )
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"`{field}` contains duplicate layer indices: {layers}")
+    return sorted(layers)
+
+
+def validate_moe_fields(config) -> None:
+    """Raise a `ValueError` naming the field for every invalid MoE value of `config` (checked at construction)."""
+    if not isinstance(config.num_experts, int) or config.num_experts < 1:
+        raise ValueError(f"`num_experts` must be an integer >= 1, got {config.num_experts!r}")
+    k = config.num_experts_per_tok
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"`num_experts_per_tok` must be an integer >= 1, got {k!r}")
+    if k > config.num_experts:
+        raise ValueError(
+            f"`num_experts_per_tok` ({k}) cannot be larger than `num_experts` ({config.num_experts})"
+        )
+    if config.router_type not in ROUTER_TYPES:
+        raise ValueError(f"`router_type` must be one of {ROUTER_TYPES}, got {config.router_type!r}")
+    if config.router_type == "switch" and k != 1:
+        raise ValueError(
+            f"`router_type='switch'` routes every token to one expert: set `num_experts_per_tok=1`, got {k}"
+        )
+    for name in ("capacity_factor", "eval_capacity_factor"):
+        value = getattr(config, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"`{name}` must be a number > 0, got {value!r}")
+    if config.expert_capacity is not None and (
+        isinstance(config.expert_capacity, bool)
+        or not isinstance(config.expert_capacity, int)
+        or config.expert_capacity < 1
+    ):
+        raise ValueError(f"`expert_capacity` must be None or an integer >= 1, got {config.expert_capacity!r}")
+    for name in (
+        "router_jitter_noise",
+        "router_aux_loss_coef",
+        "router_z_loss_coef",
+        "router_importance_loss_coef",
+    ):
+        value = getattr(config, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"`{name}` must be a number >= 0, got {value!r}")
+    if not isinstance(config.num_shared_experts, int) or config.num_shared_experts < 0:
+        raise ValueError(f"`num_shared_experts` must be an integer >= 0, got {config.num_shared_experts!r}")
+    if config.router_init not in ("normal", "zeros"):
+        raise ValueError(f"`router_init` must be 'normal' or 'zeros', got {config.router_init!r}")
+    if config.expert_intermediate_size is not None and (
+        not isinstance(config.expert_intermediate_size, int) or config.expert_intermediate_size < 1
+    ):
+        raise ValueError(
+            f"`expert_intermediate_size` must be None or an integer >= 1, got {config.expert_intermediate_size!r}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Routers
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class RouterOutput:
+    """What a router decided for one batch. Shapes use B = batch, S = sequence, E = experts, k = experts per token.
+
+    Attributes:
+        router_logits (`torch.FloatTensor` of shape `(B, S, E)`): pre-softmax scores, always fp32.
+        router_probs (`torch.FloatTensor` of shape `(B, S, E)`): softmax of `router_logits`.
+        topk_index (`torch.LongTensor` of shape `(B, S, k)`): chosen experts, before any capacity drop.
+        topk_weights (`torch.FloatTensor` of shape `(B, S, k)`): weights that combine the chosen experts' outputs.
+        dispatch_mask (`torch.BoolTensor` of shape `(B, S, k)`): True where the token really goes to that expert;
+            False for padding tokens and for tokens dropped by the expert capacity (their expert output is zero).
+        token_mask (`torch.BoolTensor` of shape `(B, S)`): True for real (non-padding) tokens.
+        learned (`bool`): False for routers without trainable parameters (hash): their losses are not computed.
+    """
+
+    router_logits: torch.Tensor
+    router_probs: torch.Tensor
+    topk_index: torch.Tensor
+    topk_weights: torch.Tensor
+    dispatch_mask: torch.Tensor
+    token_mask: torch.Tensor
+    learned: bool = True
+
+    @property
+    def expert_index(self) -> torch.Tensor:
+        """`(B, S, k)` expert ids actually used, with -1 where the token was not dispatched (padding or dropped)."""
+        return self.topk_index.masked_fill(~self.dispatch_mask, -1)
+
+
+class TopKRouter(nn.Module):
+    """Softmax top-k token-choice router (Shazeer et al. 2017; Mixtral / Qwen-MoE style).
+
+    Logits are computed in fp32 from fp32 copies of the input and weight, whatever the model dtype ("selective
+    precision", Switch Transformer §2.4). The weight is a bare `nn.Parameter` (no `nn.Linear`), so weight
+    quantization (bitsandbytes) can never touch a router. Forward never changes module state.
+    """
+
+    learned = True
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        num_experts_per_tok: int,
+        norm_topk_prob: bool = True,
+        jitter_noise: float = 0.0,
+    ):
+        super().__init__()
+        self.num_experts = num_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.norm_topk_prob = norm_topk_prob
+        self.jitter_noise = jitter_noise
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+
+    def compute_logits(self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
+        hidden_states = hidden_states.float()
+        if self.training and self.jitter_noise > 0:
+            # Switch Transformer: multiplicative uniform jitter on the router input, training only.
+            noise = torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+            hidden_states = hidden_states * noise
+        return F.linear(hidden_states, self.weight.float())  # (B, S, E)
+
+    def select(self, router_probs: torch.Tensor, token_mask: torch.Tensor):
+        topk_weights, topk_index = torch.topk(router_probs, self.num_experts_per_tok, dim=-1)  # (B, S, k)
+        if self.norm_topk_prob:
+            topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+        dispatch_mask = token_mask.unsqueeze(-1).expand_as(topk_index)
+        return topk_weights, topk_index, dispatch_mask
+
+    def forward(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor, input_ids: torch.Tensor | None = None
+    ) -> RouterOutput:
+        """
+        Args:
+            hidden_states (`torch.Tensor` of shape `(B, S, H)`): router input.
+            token_mask (`torch.BoolTensor` of shape `(B, S)`): True for real tokens, False for padding.
+            input_ids (`torch.LongTensor` of shape `(B, S)`, *optional*): token ids (used by the hash router).
+        """
+        router_logits = self.compute_logits(hidden_states, input_ids)
+        router_probs = router_logits.softmax(dim=-1)
+        topk_weights, topk_index, dispatch_mask = self.select(router_probs, token_mask)
+        return RouterOutput(
+            router_logits=router_logits,
+            router_probs=router_probs,
+            topk_index=topk_index,
+            topk_weights=topk_weights,
+            dispatch_mask=dispatch_mask,
+            token_mask=token_mask,
+            learned=self.learned,
+        )
+
+
+class SwitchRouter(TopKRouter):
+    """Switch Transformer top-1 router (Fedus et al. 2021) with an expert capacity.
+
+    Each sequence is a routing group. An expert accepts at most ``capacity`` tokens per group, where
+    ``capacity = ceil(capacity_factor · real_tokens_in_group / num_experts)`` (``eval_capacity_factor`` in eval
+    mode), or the absolute ``expert_capacity`` when it is set (the format of transformers' Switch Transformers
+    checkpoints). Tokens are served in sequence order; overflow tokens are dropped: their expert output is zero
+    and the residual connection carries them. Padding tokens neither use capacity nor reach an expert. The
+    combine weight is the router probability of the chosen expert (never renormalised, so the router learns).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        capacity_factor: float = 1.25,
+        eval_capacity_factor: float = 2.0,
+        expert_capacity: int | None = None,
+        jitter_noise: float = 0.0,
+    ):
+        super().__init__(hidden_size, num_experts, 1, norm_topk_prob=False, jitter_noise=jitter_noise)
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.expert_capacity = expert_capacity
+
+    def capacity(self, token_mask: torch.Tensor) -> torch.Tensor:
+        """`(B, 1)` number of tokens each expert accepts in each sequence."""
+        if self.expert_capacity is not None:
+            return torch.full((token_mask.shape[0], 1), self.expert_capacity, device=token_mask.device)
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        real_tokens = token_mask.sum(dim=-1, keepdim=True).float()
+        return torch.ceil(real_tokens * factor / self.num_experts).long()
+
+    def select(self, router_probs: torch.Tensor, token_mask: torch.Tensor):
+        topk_weights, topk_index = router_probs.max(dim=-1, keepdim=True)  # (B, S, 1)
+        routed = F.one_hot(topk_index.squeeze(-1), self.num_experts) * token_mask.unsqueeze(-1)  # (B, S, E)
+        priority = (routed.cumsum(dim=1) * routed).sum(
+            dim=-1
+        )  # (B, S): 1-based position in its expert's queue
+        within_capacity = priority <= self.capacity(token_mask)
+        dispatch_mask = (token_mask & within_capacity).unsqueeze(-1)  # (B, S, 1)
+        return topk_weights, topk_index, dispatch_mask
+
+
+class NoisyTopKRouter(TopKRouter):
+    """Noisy top-k gating (Shazeer et al. 2017, eq. 3-5).
+
+    In training, ``H(x) = x·W_g + ε · softplus(x·W_noise)`` with ``ε ~ N(0, 1)``; in eval the noise is off.
+    Gates are the softmax over the top-k of ``H(x)``, which equals the renormalised top-k of the full softmax.
+    """
+
+    def __init__(
+        self, hidden_size: int, num_experts: int, num_experts_per_tok: int, jitter_noise: float = 0.0
+    ):
+        super().__init__(
+            hidden_size, num_experts, num_experts_per_tok, norm_topk_prob=True, jitter_noise=jitter_noise
+        )
+        self.noise_weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+
+    def compute_logits(self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
+        clean_logits = super().compute_logits(hidden_states, input_ids)
+        if not self.training:
+            return clean_logits
+        noise_scale = F.softplus(F.linear(hidden_states.float(), self.noise_weight.float()))
+        return clean_logits + torch.randn_like(clean_logits) * noise_scale
+
+
+class HashRouter(TopKRouter):
+    """Hash routing (Roller et al. 2021): each token id goes to a fixed expert; nothing is learned.
+
+    The token → expert table is a balanced random assignment (a seeded permutation of the vocabulary, modulo the
+    number of experts) stored as a persistent buffer, so it is saved with the checkpoint. Combine weight is 1.
+    """
+
+    learned = False
+
+    def __init__(self, num_experts: int, vocab_size: int):
+        nn.Module.__init__(self)
+        self.num_experts = num_experts
+        self.num_experts_per_tok = 1
+        self.jitter_noise = 0.0
+        self.register_buffer("hash_table", self.build_table(vocab_size, num_experts), persistent=True)
+
+    @staticmethod
+    def build_table(vocab_size: int, num_experts: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(HASH_ROUTER_SEED)
+        return torch.randperm(vocab_size, generator=generator) % num_experts  # (vocab_size,)
+
+    def compute_logits(self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
+        if input_ids is None:
+            raise ValueError(
+                "`router_type='hash'` routes by token id: pass `input_ids` (not `inputs_embeds`)."
+            )
+        expert = self.hash_table[input_ids]  # (B, S)
+        # One-hot logits: probabilities put all mass on the hashed expert, for telemetry.
+        return F.one_hot(expert, self.num_experts).float() * 1e4
+
+    def select(self, router_probs: torch.Tensor, token_mask: torch.Tensor):
+        topk_index = router_probs.argmax(dim=-1, keepdim=True)
+        topk_weights = torch.ones_like(topk_index, dtype=router_probs.dtype)
+        return topk_weights, topk_index, token_mask.unsqueeze(-1)
+
+
+def build_router(config, hidden_size: int) -> TopKRouter:
+    """Build the router named by ``config.router_type``."""
+    if config.router_type == "topk":
+        return TopKRouter(
+            hidden_size,
+            config.num_experts,
+            config.num_experts_per_tok,
+            config.norm_topk_prob,
+            config.router_jitter_noise,
+        )
+    if config.router_type == "switch":
+        return SwitchRouter(
+            hidden_size,
+            config.num_experts,
+            capacity_factor=config.capacity_factor,
+            eval_capacity_factor=config.eval_capacity_factor,
+            expert_capacity=config.expert_capacity,
+            jitter_noise=config.router_jitter_noise,
+        )
+    if config.router_type == "noisy_topk":
+        return NoisyTopKRouter(
+            hidden_size, config.num_experts, config.num_experts_per_tok, config.router_jitter_noise
+        )
+    if config.router_type == "hash":
+        return HashRouter(config.num_experts, config.vocab_size)
+    raise ValueError(f"`router_type` must be one of {ROUTER_TYPES}, got {config.router_type!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Experts and the sparse MoE block
+# --------------------------------------------------------------------------------------------------------------
+class MoeExpert(nn.Module):
+    """One feed-forward expert made of plain `nn.Linear` layers.
+
+    Plain FFN (BERT, T5 v1.0): ``wo(dropout(act(wi(x))))``. Gated FFN (T5 v1.1): ``wo(dropout(act(wi_0(x)) * wi_1(x)))``.
+    The names ``wi``/``wi_0``/``wi_1``/``wo`` are a user-facing contract (PEFT regexes, bitsandbytes, upcycling).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        hidden_act: str,
+        gated: bool = False,
+        bias: bool = True,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.gated = gated
+        if gated:
+            self.wi_0 = nn.Linear(hidden_size, intermediate_size, bias=bias)
+            self.wi_1 = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        else:
+            self.wi = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.wo = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act = ACT2FN[hidden_act]
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            hidden_states = self.act(self.wi_0(hidden_states)) * self.wi_1(hidden_states)
+        else:
+            hidden_states = self.act(self.wi(hidden_states))
+        hidden_states = self.dropout(hidden_states)
+        wo_dtype = self.wo.weight.dtype
+        if wo_dtype.is_floating_point and hidden_states.dtype != wo_dtype:
+            hidden_states = hidden_states.to(wo_dtype)  # e.g. T5 keeps `wo` in fp32 under fp16
+        return self.wo(hidden_states)
+
+
+class SparseMoeBlock(nn.Module):
+    """Router + `experts.{i}` (+ always-active `shared_experts.{j}`), replacing a dense feed-forward network.
+
+    Args:
+        config: a ptmoe MoE config (router fields, `num_experts`, `num_shared_experts`, `vocab_size`).
+        hidden_size (`int`), intermediate_size (`int`), hidden_act (`str`), gated (`bool`), bias (`bool`),
+        dropout (`float`): the shape of every expert, as in the dense FFN it replaces.
+    """
+
+    def __init__(
+        self,
+        config,
+        hidden_size: int,
+        intermediate_size: int,
+        hidden_act: str,
+        gated: bool = False,
+        bias: bool = True,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.router = build_router(config, hidden_size)
+        expert_args = (hidden_size, intermediate_size, hidden_act, gated, bias, dropout)
+        self.experts = nn.ModuleList([MoeExpert(*expert_args) for _ in range(config.num_experts)])
+        self.shared_experts = (
+            nn.ModuleList([MoeExpert(*expert_args) for _ in range(config.num_shared_experts)])
+            if config.num_shared_experts > 0
+            else None
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, RouterOutput]:
+        """
+        Args:
+            hidden_states (`torch.Tensor` of shape `(B, S, H)`)
+            token_mask (`torch.BoolTensor` of shape `(B, S)`, *optional*): False for padding tokens.
+            input_ids (`torch.LongTensor` of shape `(B, S)`, *optional*): needed by the hash router only.
+
+        Returns:
+            `(output, router_output)` with `output` of shape `(B, S, H)`.
+        """
+        batch_size, seq_len, hidden_size = hidden_states.shape
+        if token_mask is None:
+            token_mask = torch.ones(batch_size, seq_len, dtype=torch.bool, device=hidden_states.device)
+        routing = self.router(hidden_states, token_mask, input_ids)
+
+        flat_states = hidden_states.reshape(-1, hidden_size)  # (N, H)
+        output = torch.zeros_like(flat_states)
+        k = routing.topk_index.shape[-1]
+        slot_expert = routing.topk_index.reshape(-1)  # (N*k,)
+        slot_weight = routing.topk_weights.reshape(-1).to(hidden_states.dtype)
+        slots = routing.dispatch_mask.reshape(-1).nonzero().squeeze(-1)  # dispatched (token, slot) pairs
+        # Group the dispatched slots by expert: one gather → matmul → scatter-add per expert that has tokens.
+        order = torch.argsort(slot_expert[slots], stable=True)
+        slots = slots[order]
+        counts = torch.bincount(slot_expert[slots], minlength=self.num_experts).tolist()
+        for expert, expert_slots in zip(self.experts, slots.split(counts), strict=True):
+            if expert_slots.numel() == 0:
+                continue
+            tokens = expert_slots // k
+            expert_out = expert(flat_states.index_select(0, tokens))  # (n_e, H)
+            output.index_add_(0, tokens, expert_out * slot_weight[expert_slots].unsqueeze(-1))
+
+        output = output.view(batch_size, seq_len, hidden_size)
+        if self.shared_experts is not None:
+            for shared_expert in self.shared_experts:
+                output = output + shared_expert(hidden_states)
+        return output, routing
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Losses: pure functions over router outputs. `token_mask` (True = real token) keeps padding out of every loss.
+# --------------------------------------------------------------------------------------------------------------
+def _masked_rows(tensor: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Flatten `(…, X)` to `(T, X)` keeping only the rows of real tokens."""
+    rows = tensor.reshape(-1, tensor.shape[-1])
+    if token_mask is None:
+        return rows
+    return rows[token_mask.reshape(-1)]
+
+
+def load_balancing_loss(
+    router_probs: torch.Tensor, topk_index: torch.Tensor, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4-6), generalised to top-k.
+
+    ``loss = E · Σ_e f_e · P_e`` where ``f_e`` is the fraction of (token, slot) assignments that chose expert
+    ``e`` (before capacity drops) and ``P_e`` the mean router probability of ``e``, both over the real tokens
+    of the batch. It is 1 when routing is perfectly balanced, for any k. Multiply by ``router_aux_loss_coef``.
+
+    Args:
+        router_probs (`torch.Tensor` of shape `(…, E)`), topk_index (`torch.LongTensor` of shape `(…, k)`),
+        token_mask (`torch.BoolTensor` of shape `(…)`, *optional*).
+    """
+    num_experts = router_probs.shape[-1]
+    probs = _masked_rows(router_probs, token_mask)  # (T, E)
+    index = _masked_rows(topk_index, token_mask)  # (T, k)
+    if probs.shape[0] == 0:
+        return router_probs.sum() * 0.0
+    counts = F.one_hot(index, num_experts).sum(dim=(0, 1)).to(probs.dtype)  # (E,)
+    fraction_routed = counts / index.numel()
+    mean_prob = probs.mean(dim=0)
+    return num_experts * torch.sum(fraction_routed * mean_prob)
+
+
+def router_z_loss(router_logits: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Router z-loss (Zoph et al. 2022, ST-MoE eq. 5): mean over real tokens of ``logsumexp(logits)²``."""
+    logits = _masked_rows(router_logits, token_mask)
+    if logits.shape[0] == 0:
+        return router_logits.sum() * 0.0
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+def importance_loss(
+    topk_weights: torch.Tensor,
+    topk_index: torch.Tensor,
+    num_experts: int,
+    token_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Importance loss (Shazeer et al. 2017, eq. 6): ``CV(Importance)²`` with ``Importance_e = Σ_x G_e(x)``.
+
+    ``G(x)`` are the sparse gates (the top-k combine weights scattered over the experts). CV² uses the
+    population variance over experts divided by the squared mean (plus 1e-10, as in the original code).
+    """
+    weights = _masked_rows(topk_weights, token_mask)  # (T, k)
+    index = _masked_rows(topk_index, token_mask)
+    gates = torch.zeros(weights.shape[0], num_experts, dtype=weights.dtype, device=weights.device)
+    gates = gates.scatter_add(1, index, weights)
+    importance = gates.sum(dim=0)  # (E,)
+    mean = importance.mean()
+    return ((importance - mean).pow(2).mean()) / (mean.pow(2) + 1e-10)
+
+
+@dataclass
+class RouterLosses:
+    """Router losses averaged over the MoE layers that have a learned router (0 when there is none)."""
+
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    importance_loss: torch.Tensor
+
+
+def total_loss(task_loss: torch.Tensor | None, outputs, config) -> torch.Tensor | None:
+    """``task_loss + coef_aux · aux_loss + coef_z · z_loss + coef_importance · importance_loss`` (None without labels).
+
+    `outputs` is any object with `aux_loss`, `z_loss` and `importance_loss` (a model output or `RouterLosses`).
+    """
+    if task_loss is None:
+        return None
+    return (
+        task_loss
+        + config.router_aux_loss_coef * outputs.aux_loss
+        + config.router_z_loss_coef * outputs.z_loss
+        + config.router_importance_loss_coef * outputs.importance_loss
+    )
+
+
+def compute_router_losses(router_outputs: Sequence[RouterOutput], reference: torch.Tensor) -> RouterLosses:
+    """Per MoE layer load-balancing, z and importance losses, then averaged over layers.
+
+    Args:
+        router_outputs: one `RouterOutput` per MoE layer.
+        reference (`torch.Tensor`): any tensor of the model, for the device of the zero losses.
+    """
+    learned = [r for r in router_outputs if r.learned]
+    if not learned:
+        zero = torch.zeros((), device=reference.device)
+        return RouterLosses(zero, zero, zero)
+    aux = torch.stack([load_balancing_loss(r.router_probs, r.topk_index, r.token_mask) for r in learned])
+    z = torch.stack([router_z_loss(r.router_logits, r.token_mask) for r in learned])
+    imp = torch.stack(
+        [
+            importance_loss(r.topk_weights, r.topk_index, r.router_probs.shape[-1], r.token_mask)
+            for r in learned
+        ]
+    )
+    return RouterLosses(aux.mean(), z.mean(), imp.mean())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Weight initialisation shared by the families' `_init_weights`
+# --------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def init_router(module: nn.Module, config, std: float) -> bool:
+    """Initialise a router in place (skipping tensors already loaded); returns True when `module` is a router.
+
+    `router_init="normal"`: N(0, std) weights; `"zeros"`: all-zero weights (uniform routing at the start, as
+    used by some upcycling recipes). The hash table is rebuilt deterministically.
+    """
+    if isinstance(module, HashRouter):
+        init.copy_(module.hash_table, HashRouter.build_table(module.hash_table.numel(), module.num_experts))
+        return True
+    if isinstance(module, TopKRouter):
+        if config.router_init == "zeros":
+            init.zeros_(module.weight)
+        else:
+            init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, NoisyTopKRouter):
+            init.zeros_(
+                module.noise_weight
+            )  # softplus(0) ≈ 0.69: unit-scale noise at the start, learned after
+        return True
+    return False
+
+
+def count_parameters(model: nn.Module, num_experts_per_tok: int | None = None) -> dict[str, int]:
+    """Total parameters and parameters active per token (one token uses k of the E routed experts).
+
+    Args:
+        model (`nn.Module`): a ptmoe model.
+        num_experts_per_tok (`int`, *optional*): defaults to `model.config.num_experts_per_tok`.
+    """
+    k = num_experts_per_tok if num_experts_per_tok is not None else model.config.num_experts_per_tok
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    for module in model.modules():
+        if isinstance(module, SparseMoeBlock):
+            per_expert = sum(p.numel() for p in module.experts[0].parameters())
+            inactive += per_expert * (len(module.experts) - k)
+    return {"total": total, "active": total - inactive}
+
+
+def check_expert_keys(loading_info: dict, config) -> None:
+    """Refuse a checkpoint whose experts/routers do not match the model (no silently random experts).
+
+    Args:
+        loading_info (`dict`): the `output_loading_info` of `from_pretrained` (`missing_keys`, `unexpected_keys`).
+        config: the model's config.
+    """
+
+    def moe_keys(keys):
+        return sorted(k for k in keys if ".moe." in f".{k}" or ".experts." in k or ".router." in k)
+
+    missing = moe_keys(loading_info.get("missing_keys", []))
+    unexpected = moe_keys(loading_info.get("unexpected_keys", []))
+    mismatched = [k for k, *_ in loading_info.get("mismatched_keys", []) if ".moe." in f".{k}"]
+    if missing or unexpected or mismatched:
+        shown = ", ".join((missing + unexpected + mismatched)[:6])
+        raise ValueError(
+            "The checkpoint's MoE layers do not match the model config "
+            f"(num_experts={config.num_experts}, num_shared_experts={config.num_shared_experts}, "
+            f"router_type={config.router_type!r}, MoE layers {getattr(config, 'moe_layers', None)}): "
+            f"{len(missing)} missing, {len(unexpected)} unexpected and {len(mismatched)} mismatched expert/router "
+            f"weights (e.g. {shown}). Load it with the config saved beside it (do not override `num_experts` or "
+            "the MoE layers), or build a new MoE model from a dense checkpoint with `ptmoe.upcycle`."
+        )
+
+
+def load_checked(from_pretrained, *args, **kwargs):
+    """Run a `from_pretrained` and refuse the result when experts/routers do not match (see `check_expert_keys`).
+
+    Size mismatches are collected instead of raised by transformers, so that a wrong `num_experts` gets the
+    message above; other mismatches still fail unless the caller passed `ignore_mismatched_sizes=True`.
+    """
+    output_loading_info = kwargs.pop("output_loading_info", False)
+    ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
+    model, loading_info = from_pretrained(
+        *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+    )
+    check_expert_keys(loading_info, model.config)
+    mismatched = loading_info.get("mismatched_keys", [])
+    if mismatched and not ignore_mismatched_sizes:
+        raise ValueError(
+            f"Checkpoint weights have other shapes than the model: {[k for k, *_ in mismatched][:6]}. Pass "
+            "`ignore_mismatched_sizes=True` to re-initialise them (e.g. a new classification head)."
+        )
+    return (model, loading_info) if output_loading_info else model

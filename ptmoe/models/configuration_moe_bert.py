@@ -5,7 +5,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers.models.bert.configuration_bert import BertConfig
 
-from .moe import resolve_moe_layers, validate_moe_fields
+from .moe import MoeConfigMixin, resolve_moe_layers, validate_moe_fields
 
 # Written into every saved config.json, so a Hub folder loads every class with `trust_remote_code=True` on a
 # machine without ptmoe (transformers would otherwise record only the class that was saved).
@@ -20,7 +20,7 @@ AUTO_MAP = {
 
 
 @strict
-class MoeBertConfig(BertConfig):
+class MoeBertConfig(MoeConfigMixin, BertConfig):
     r"""
     Configuration of a MoE-BERT model: a BERT encoder whose feed-forward networks in `moe_layers` are replaced
     by a sparse Mixture-of-Experts block (`router` + `experts.{i}.wi` / `experts.{i}.wo`).
@@ -56,6 +56,7 @@ class MoeBertConfig(BertConfig):
     >>> import ptmoe
     >>> config = ptmoe.MoeBertConfig(num_experts=8, num_experts_per_tok=1, router_type="switch", moe_layers=2)
     >>> model = ptmoe.MoeBertForMaskedLM(config)
+    >>> switch = ptmoe.MoeBertConfig.switch(num_experts=8)  # Switch Transformer recipe in one line
     ```
     """
 

@@ -113,6 +113,31 @@ def validate_moe_fields(config) -> None:
         )
 
 
+# Switch Transformer recipe (Fedus et al. 2021; z-loss from ST-MoE, Zoph et al. 2022): top-1 routing with an
+# expert capacity, token dropping, jitter, aux loss 1e-2 and z-loss 1e-3.
+SWITCH_PRESET = {
+    "router_type": "switch",
+    "num_experts_per_tok": 1,
+    "capacity_factor": 1.25,
+    "eval_capacity_factor": 2.0,
+    "router_jitter_noise": 0.01,
+    "router_aux_loss_coef": 0.01,
+    "router_z_loss_coef": 0.001,
+}
+
+
+class MoeConfigMixin:
+    """Behaviour shared by the MoE config classes (the fields themselves are declared on each config)."""
+
+    @classmethod
+    def switch(cls, **kwargs):
+        """A config with the Switch Transformer recipe (`SWITCH_PRESET`); `kwargs` override any field.
+
+        Example: ``MoeBertConfig.switch(num_experts=8)`` or ``MoeT5Config.switch(num_experts=8)``.
+        """
+        return cls(**{**SWITCH_PRESET, **kwargs})
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Routers
 # --------------------------------------------------------------------------------------------------------------

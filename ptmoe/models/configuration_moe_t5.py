@@ -1,0 +1,134 @@
+"""MoE-T5 configuration: every `T5Config` field plus the MoE fields, with separate encoder/decoder MoE layers."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers.activations import ACT2FN
+from transformers.models.t5.configuration_t5 import T5Config
+
+from .moe import MoeConfigMixin, resolve_moe_layers, validate_moe_fields
+
+# Written into every saved config.json, so a Hub folder loads every class with `trust_remote_code=True` on a
+# machine without ptmoe (transformers would otherwise record only the class that was saved).
+AUTO_MAP = {
+    "AutoConfig": "configuration_moe_t5.MoeT5Config",
+    "AutoModel": "modeling_moe_t5.MoeT5Model",
+    "AutoModelForSeq2SeqLM": "modeling_moe_t5.MoeT5ForConditionalGeneration",
+    "AutoModelForTextEncoding": "modeling_moe_t5.MoeT5EncoderModel",
+}
+
+
+def _check_feed_forward_proj(feed_forward_proj: str) -> None:
+    """Refuse a `feed_forward_proj` that is not `"{act}"` or `"gated-{act}"` with `act` a transformers activation.
+
+    T5Config only checks the format, so an unknown activation such as `"gated-foo"` would otherwise fail later,
+    with a bare `KeyError`, while the model is being built.
+    """
+    parts = feed_forward_proj.split("-") if isinstance(feed_forward_proj, str) else []
+    valid_format = len(parts) == 1 or (len(parts) == 2 and parts[0] == "gated")
+    if not valid_format or not parts[-1]:
+        raise ValueError(
+            f"`feed_forward_proj` must be '<activation>' or 'gated-<activation>' (e.g. 'relu' for T5 v1.0 / PTT5, "
+            f"'gated-gelu' for T5 v1.1 / PTT5-v2), got {feed_forward_proj!r}"
+        )
+    activation = "gelu_new" if feed_forward_proj == "gated-gelu" else parts[-1]  # T5Config's historic alias
+    if activation not in ACT2FN:
+        raise ValueError(
+            f"`feed_forward_proj` {feed_forward_proj!r} names an unknown activation {activation!r}; known "
+            f"activations include 'relu', 'gelu', 'gelu_new', 'silu' (see transformers.activations.ACT2FN)"
+        )
+
+
+@strict
+class MoeT5Config(MoeConfigMixin, T5Config):
+    r"""
+    Configuration of a MoE-T5 encoder-decoder: a T5 whose feed-forward networks in `encoder_moe_layers` (encoder)
+    and `decoder_moe_layers` (decoder) are sparse Mixture-of-Experts blocks (`router` + `experts.{i}.wi` /
+    `experts.{i}.wo`, or `wi_0` / `wi_1` / `wo` for gated activations).
+
+    Every [`T5Config`] argument is accepted, including both FFN styles: `feed_forward_proj="relu"` (T5 v1.0, PTT5)
+    and `"gated-gelu"` (T5 v1.1, PTT5-v2). As in transformers' T5, `tie_word_embeddings=False` (the v1.1 format)
+    switches off the `d_model**-0.5` rescaling of the decoder output before the LM head. MoE arguments:
+
+    Args:
+        num_experts (`int`, defaults to 8): routed experts per MoE layer.
+        num_experts_per_tok (`int`, defaults to 2): experts each token uses (k). Must be 1 for `"switch"`.
+        encoder_moe_layers (`list[int]` or `int`, defaults to 2): 0-based indices of the encoder MoE layers, or a
+            step n meaning every n-th layer (layers n-1, 2n-1, …). `None`/`[]`: dense encoder.
+        decoder_moe_layers (`list[int]` or `int`, defaults to 2): the same for the `num_decoder_layers` decoder
+            layers.
+        router_type (`str`, defaults to `"topk"`): `"topk"`, `"switch"` (top-1 with capacity), `"noisy_topk"`
+            (Shazeer et al. 2017) or `"hash"` (fixed routing by token id, Roller et al. 2021).
+        capacity_factor (`float`, defaults to 1.25) / eval_capacity_factor (`float`, defaults to 2.0): Switch
+            expert capacity in training / eval, as a multiple of the even share of the tokens of a sequence.
+        expert_capacity (`int`, *optional*): absolute per-sequence capacity overriding the factors (the format of
+            transformers' Switch Transformers checkpoints).
+        router_jitter_noise (`float`, defaults to 0.0): multiplicative router input noise in training.
+        router_aux_loss_coef (`float`, defaults to 0.01): load-balancing loss coefficient.
+        router_z_loss_coef (`float`, defaults to 0.001): router z-loss coefficient.
+        router_importance_loss_coef (`float`, defaults to 0.0): importance (CV²) loss coefficient.
+        norm_topk_prob (`bool`, defaults to `True`): renormalise the k chosen weights to sum to 1 (`"topk"`).
+        num_shared_experts (`int`, defaults to 0): always-active experts added to the routed ones.
+        expert_intermediate_size (`int`, *optional*): expert FFN width (default `d_ff`).
+        router_init (`str`, defaults to `"normal"`): `"normal"` or `"zeros"`.
+        output_router_logits (`bool`, defaults to `False`): return per-layer `router_logits` and `expert_index`.
+        upcycled_from / upcycling_method / upcycling_seed: provenance written by `ptmoe.upcycle`.
+
+    Example:
+
+    ```python
+    >>> import ptmoe
+    >>> config = ptmoe.MoeT5Config(feed_forward_proj="gated-gelu", num_experts=8, encoder_moe_layers=[1, 3])
+    >>> model = ptmoe.MoeT5ForConditionalGeneration(config)
+    >>> switch = ptmoe.MoeT5Config.switch(num_experts=8)  # Switch Transformer recipe in one line
+    ```
+    """
+
+    model_type = "moe_t5"
+
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    encoder_moe_layers: list[int] | int | None = 2
+    decoder_moe_layers: list[int] | int | None = 2
+    router_type: str = "topk"
+    capacity_factor: float | int = 1.25
+    eval_capacity_factor: float | int = 2.0
+    expert_capacity: int | None = None
+    router_jitter_noise: float | int = 0.0
+    router_aux_loss_coef: float | int = 0.01
+    router_z_loss_coef: float | int = 0.001
+    router_importance_loss_coef: float | int = 0.0
+    norm_topk_prob: bool = True
+    num_shared_experts: int = 0
+    expert_intermediate_size: int | None = None
+    router_init: str = "normal"
+    output_router_logits: bool = False
+    upcycled_from: str | None = None
+    upcycling_method: str | None = None
+    upcycling_seed: int | None = None
+
+    def __post_init__(self, **kwargs):
+        # `MoeT5Config(**t5_config.to_dict())` carries `model_type="t5"`, which would make the saved config a T5.
+        kwargs.pop("model_type", None)
+        validate_moe_fields(self)
+        _check_feed_forward_proj(self.feed_forward_proj)
+        num_decoder_layers = (
+            self.num_decoder_layers if self.num_decoder_layers is not None else self.num_layers
+        )
+        resolve_moe_layers(self.encoder_moe_layers, self.num_layers, "encoder_moe_layers")
+        resolve_moe_layers(self.decoder_moe_layers, num_decoder_layers, "decoder_moe_layers")
+        super().__post_init__(**kwargs)
+        self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
+
+    @property
+    def encoder_moe_layer_indices(self) -> list[int]:
+        """The encoder MoE layer indices as a sorted list (resolving an every-n-th step)."""
+        return resolve_moe_layers(self.encoder_moe_layers, self.num_layers, "encoder_moe_layers")
+
+    @property
+    def decoder_moe_layer_indices(self) -> list[int]:
+        """The decoder MoE layer indices as a sorted list (resolving an every-n-th step)."""
+        return resolve_moe_layers(self.decoder_moe_layers, self.num_decoder_layers, "decoder_moe_layers")
+
+
+__all__ = ["MoeT5Config"]

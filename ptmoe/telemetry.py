@@ -1,0 +1,545 @@
+"""Router telemetry: how MoE layers route tokens, during training (a `TrainerCallback`) and offline.
+
+Every `SparseMoeBlock` returns `(output, RouterOutput)`; a forward hook on each block sees the routing decision of
+every batch without touching the model. Per MoE layer, over the real (non-padding) tokens, we report:
+
+``load`` (one value per expert)
+    share of the routing decisions that chose each expert: ``load_e = #(token, slot) assignments to e / (T · k)``
+    for ``T`` real tokens and ``k`` experts per token, counted *before* capacity drops (the ``f_e`` of the Switch
+    load-balancing loss). Sums to 1; a perfectly balanced layer has ``load_e = 1 / E``.
+``load_std`` / ``load_max``
+    population standard deviation and maximum of ``load`` over experts (0 and ``1 / E`` when balanced).
+``router_entropy``
+    mean over tokens of the entropy (nats) of the token's router distribution ``router_probs``: how undecided the
+    router is per token (``ln E`` = uniform probabilities, 0 = one-hot).
+``load_entropy``
+    entropy (nats) of the ``load`` distribution: how evenly the layer spreads its tokens (``ln E`` = balanced,
+    0 = every token on one expert). A confident router (low ``router_entropy``) can still be balanced (high
+    ``load_entropy``); that combination is the goal of load balancing.
+``drop_rate``
+    share of the ``T · k`` assignments of real tokens that were not dispatched (Switch expert capacity overflow);
+    0 for routers without capacity.
+``aux_loss`` / ``z_loss``
+    load-balancing (`load_balancing_loss`) and router z-loss (`router_z_loss`) recomputed from the
+    `RouterOutput`, averaged over forward passes; 0 for routers without parameters (hash), as in the models.
+
+`RouterTelemetryCallback` logs these as ``router/<layer>/<stat>`` (plus ``router/<layer>/expert_<e>_load``)
+through the Trainer's own logging, so every `report_to` integration receives them, and writes
+``expert_load.png`` (a layer × expert heatmap) and ``expert_load_std.png`` at the end of training.
+`routing_statistics` computes the same numbers over any dataloader for offline analysis.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .models.moe import RouterOutput, SparseMoeBlock, load_balancing_loss, router_z_loss
+
+logger = logging.getLogger(__name__)
+
+# Scalar statistics logged for every MoE layer (see the module docstring for their definitions).
+LAYER_STAT_KEYS = (
+    "load_std",
+    "load_max",
+    "router_entropy",
+    "load_entropy",
+    "drop_rate",
+    "aux_loss",
+    "z_loss",
+)
+
+# Layout of one layer's accumulator vector: these sums, then one token count per expert. A flat vector lets all
+# layers be summed across data-parallel ranks with a single all_reduce.
+_TOKENS, _ASSIGNMENTS, _DISPATCHED, _ENTROPY_SUM, _AUX_SUM, _Z_SUM, _FORWARDS = range(7)
+_NUM_SUMS = 7
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Finding and naming the MoE layers
+# --------------------------------------------------------------------------------------------------------------
+_STACK_PATTERN = re.compile(r"(?:^|\.)(encoder|decoder)(?:\.|$)")
+_INDEX_PATTERN = re.compile(r"(?:^|\.)(?:layer|layers|block|h)\.(\d+)(?:\.|$)")
+# Prefixes added by wrappers (PEFT, DDP/accelerate, torch.compile): not part of a layer's identity.
+_WRAPPER_PREFIX = re.compile(r"^(?:(?:base_model|model|module|_orig_mod|_fsdp_wrapped_module)\.)+")
+
+
+def find_moe_blocks(model: nn.Module) -> dict[str, SparseMoeBlock]:
+    """The `SparseMoeBlock`s of `model` in module order, keyed by a short layer name.
+
+    Works on wrapped models (PEFT, DDP, accelerate, `torch.compile`) because it walks `named_modules()`. Names
+    are ``layer_<i>`` for a single stack (MoE-BERT) and ``encoder_layer_<i>`` / ``decoder_layer_<i>`` when the
+    model has both stacks (MoE-T5); a path without a layer index keeps its (sanitised) module path.
+
+    Args:
+        model (`nn.Module`): a ptmoe model, possibly wrapped.
+    """
+    paths = [(path, module) for path, module in model.named_modules() if isinstance(module, SparseMoeBlock)]
+    stacks = {m.group(1) for path, _ in paths if (m := _STACK_PATTERN.search(path))}
+    two_stacks = len(stacks) > 1
+    blocks: dict[str, SparseMoeBlock] = {}
+    for path, module in paths:
+        index = _INDEX_PATTERN.search(path)
+        stack = _STACK_PATTERN.search(path)
+        if index is None:
+            name = _WRAPPER_PREFIX.sub("", path).replace(".", "_")
+        elif two_stacks and stack is not None:
+            name = f"{stack.group(1)}_layer_{index.group(1)}"
+        else:
+            name = f"layer_{index.group(1)}"
+        if name in blocks:  # e.g. two MoE blocks in one layer: fall back to the unambiguous path
+            name = _WRAPPER_PREFIX.sub("", path).replace(".", "_")
+        blocks[name] = module
+    return blocks
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (gradient checkpointing re-runs forwards there: don't count twice)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Accumulating routing decisions
+# --------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def _routing_sums(routing: RouterOutput) -> torch.Tensor:
+    """One batch's contribution to a layer's accumulator: `(_NUM_SUMS + E,)` fp32 on the router's device."""
+    token_mask = routing.token_mask  # (B, S)
+    router_probs = routing.router_probs.detach()[token_mask]  # (T, E)
+    topk_index = routing.topk_index[token_mask]  # (T, k)
+    dispatched = routing.dispatch_mask[token_mask]  # (T, k)
+    num_experts = router_probs.shape[-1]
+    counts = torch.bincount(topk_index.reshape(-1), minlength=num_experts).float()  # (E,)
+    entropy_sum = -torch.special.xlogy(router_probs, router_probs).sum()
+    if routing.learned and router_probs.shape[0] > 0:
+        aux = load_balancing_loss(routing.router_probs.detach(), routing.topk_index, token_mask)
+        z = router_z_loss(routing.router_logits.detach(), token_mask)
+    else:  # hash routing has nothing to learn: the models report 0 for these losses too
+        aux = z = router_probs.new_zeros(())
+    sums = torch.stack(
+        [
+            router_probs.new_tensor(float(router_probs.shape[0])),
+            router_probs.new_tensor(float(topk_index.numel())),
+            dispatched.sum().float(),
+            entropy_sum.float(),
+            aux.float(),
+            z.float(),
+            router_probs.new_tensor(1.0),
+        ]
+    )
+    return torch.cat([sums, counts])
+
+
+def summarize_sums(sums: torch.Tensor) -> dict[str, Any]:
+    """Turn a layer's accumulated sums into its statistics (definitions in the module docstring).
+
+    Args:
+        sums (`torch.Tensor` of shape `(7 + num_experts,)`): as accumulated by `RoutingAccumulator`.
+
+    Returns:
+        `dict` with `load` (`list[float]`, one share per expert), the `LAYER_STAT_KEYS` floats and `tokens` (`int`).
+    """
+    sums = sums.double().cpu()
+    counts = sums[_NUM_SUMS:]
+    assignments = sums[_ASSIGNMENTS].item()
+    tokens = sums[_TOKENS].item()
+    forwards = sums[_FORWARDS].item()
+    load = counts / assignments if assignments > 0 else torch.zeros_like(counts)
+    return {
+        "load": load.tolist(),
+        "load_std": load.std(unbiased=False).item() if load.numel() > 1 else 0.0,
+        "load_max": load.max().item(),
+        "router_entropy": sums[_ENTROPY_SUM].item() / tokens if tokens > 0 else 0.0,
+        "load_entropy": (-torch.special.xlogy(load, load).sum()).item(),
+        "drop_rate": 1.0 - sums[_DISPATCHED].item() / assignments if assignments > 0 else 0.0,
+        "aux_loss": sums[_AUX_SUM].item() / forwards if forwards > 0 else 0.0,
+        "z_loss": sums[_Z_SUM].item() / forwards if forwards > 0 else 0.0,
+        "tokens": int(round(tokens)),
+    }
+
+
+class RoutingAccumulator:
+    """Sums of routing decisions per MoE layer, fed by forward hooks on `SparseMoeBlock`s.
+
+    Args:
+        blocks (`Mapping[str, SparseMoeBlock]`): layer name → block, e.g. from `find_moe_blocks`.
+        training_only (`bool`, defaults to `False`): ignore forwards of blocks in eval mode (the callback uses
+            this so evaluation batches do not mix into training telemetry).
+    """
+
+    def __init__(self, blocks: Mapping[str, SparseMoeBlock], training_only: bool = False):
+        self.blocks = dict(blocks)
+        self.training_only = training_only
+        self.sums: dict[str, torch.Tensor | None] = dict.fromkeys(self.blocks)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def install(self) -> None:
+        """Register one forward hook per block (idempotent)."""
+        if self._handles:
+            return
+        for name, block in self.blocks.items():
+            self._handles.append(block.register_forward_hook(self._make_hook(name)))
+
+    def remove(self) -> None:
+        """Remove the hooks; the model is left exactly as before `install`."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _make_hook(self, name: str):
+        def hook(module: nn.Module, inputs, output) -> None:
+            if (self.training_only and not module.training) or _in_backward():
+                return
+            contribution = _routing_sums(output[1])
+            previous = self.sums[name]
+            self.sums[name] = contribution if previous is None else previous + contribution
+
+        return hook
+
+    def reset(self) -> None:
+        self.sums = dict.fromkeys(self.blocks)
+
+    def vectors(self) -> dict[str, torch.Tensor]:
+        """Per layer sums as CPU float64 vectors (zeros for layers that saw no token)."""
+        result = {}
+        for name, block in self.blocks.items():
+            sums = self.sums[name]
+            if sums is None:
+                sums = torch.zeros(_NUM_SUMS + block.num_experts)
+            result[name] = sums.detach().double().cpu()
+        return result
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """`summarize_sums` of every layer, in model order."""
+        return {name: summarize_sums(sums) for name, sums in self.vectors().items()}
+
+
+def _all_reduce_vectors(vectors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Sum each layer's vector over data-parallel ranks (a no-op without an initialised process group).
+
+    Every rank must call this at the same event: it is a collective operation.
+    """
+    if not (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    ):
+        return vectors
+    names = list(vectors)
+    sizes = [vectors[name].numel() for name in names]
+    # gloo reduces CPU tensors, nccl CUDA tensors: `device` is the Trainer's device for this rank.
+    flat = torch.cat([vectors[name] for name in names]).to(device)
+    torch.distributed.all_reduce(flat)
+    return dict(zip(names, flat.cpu().double().split(sizes), strict=True))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The Trainer callback
+# --------------------------------------------------------------------------------------------------------------
+class RouterTelemetryCallback(TrainerCallback):
+    """Log router statistics of every MoE layer through the Trainer's logging and plot expert load at the end.
+
+    Hooks are installed on the model's `SparseMoeBlock`s at `on_train_begin` and removed at `on_train_end`; only
+    forwards of training-mode blocks are counted (evaluation does not mix in), and re-computed forwards of
+    gradient checkpointing are not counted twice. At each training log event the statistics of the steps since
+    the previous log are summed over data-parallel ranks and added to the `logs` dict as
+    ``router/<layer>/<stat>`` (`LAYER_STAT_KEYS`) and ``router/<layer>/expert_<e>_load``; they are also added to
+    `state.log_history` (so `trainer_state.json` keeps them).
+
+    Callbacks see `logs` in the order they were added, and the Trainer puts its `report_to` integrations
+    (TensorBoard, MLflow, W&B, …) before callbacks passed to its constructor. Use `add_router_telemetry(trainer)`
+    to place this callback ahead of them, so that they receive the router keys too. The summary logged when
+    training ends (the metrics `trainer.train()` returns, `train_results.json`) gets whole-run statistics.
+
+    Args:
+        log_expert_load (`bool`, defaults to `True`): also log each expert's load share (E keys per layer).
+        plot (`bool`, defaults to `True`): write `heatmap_file` and `curve_file` into `args.output_dir` at train
+            end (main process only).
+        heatmap_file (`str`, defaults to `"expert_load.png"`): load heatmap over the whole run.
+        curve_file (`str`, defaults to `"expert_load_std.png"`): `load_std` per layer against the training step.
+        prefix (`str`, defaults to `"router"`): first component of every logged key.
+
+    Attributes:
+        history (`list[dict]`): one entry per training log event: ``{"step": int, "layers": {name: stats}}``.
+        totals (`dict[str, dict]`): statistics over the whole run (set at train end), as `routing_statistics`.
+    """
+
+    def __init__(
+        self,
+        log_expert_load: bool = True,
+        plot: bool = True,
+        heatmap_file: str = "expert_load.png",
+        curve_file: str = "expert_load_std.png",
+        prefix: str = "router",
+    ):
+        self.log_expert_load = log_expert_load
+        self.plot = plot
+        self.heatmap_file = heatmap_file
+        self.curve_file = curve_file
+        self.prefix = prefix
+        self.history: list[dict[str, Any]] = []
+        self.totals: dict[str, dict[str, Any]] = {}
+        self._accumulator: RoutingAccumulator | None = None
+        self._run_sums: dict[str, torch.Tensor] = {}
+        self._placed_before_integrations = False
+
+    # -- events ------------------------------------------------------------------------------------------------
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        model = kwargs.get("model")
+        if model is None:
+            raise ValueError("RouterTelemetryCallback needs the model: use it as a Trainer callback.")
+        blocks = find_moe_blocks(model)
+        if not blocks:
+            logger.warning("RouterTelemetryCallback: the model has no SparseMoeBlock; no router telemetry.")
+            return
+        reporting = [r for r in (args.report_to or []) if r != "none"]
+        if reporting and not self._placed_before_integrations:
+            logger.warning(
+                "RouterTelemetryCallback was added after the report_to integrations %s, which therefore log "
+                "before it adds the router keys. Add it with `ptmoe.telemetry.add_router_telemetry(trainer)`.",
+                reporting,
+            )
+        self.history = []
+        self.totals = {}
+        self._run_sums = {}
+        self._accumulator = RoutingAccumulator(blocks, training_only=True)
+        self._accumulator.install()
+
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs
+    ):
+        if self._accumulator is None or logs is None:
+            return
+        if any(key.startswith(("eval_", "test_")) for key in logs):
+            return  # evaluation results: the training interval continues into the next training log
+        stats = self._flush(args)
+        if any(layer["tokens"] for layer in stats.values()):
+            self.history.append({"step": state.global_step, "layers": stats})
+        if "train_runtime" in logs:
+            # The summary logged when training ends (also returned as `train()` metrics): whole-run statistics.
+            stats = {name: summarize_sums(sums) for name, sums in self._run_sums.items()}
+        if not any(layer["tokens"] for layer in stats.values()):
+            return
+        new_keys = self.flatten(stats)
+        # `Trainer.log` stored a copy of `logs` in `log_history` just before this event: keep both in sync.
+        entry = state.log_history[-1] if state.log_history else {}
+        if entry.get("step") == state.global_step and logs.keys() <= entry.keys():
+            entry.update(new_keys)
+        logs.update(new_keys)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self._accumulator is None:
+            return
+        self._flush(args)
+        self._accumulator.remove()
+        self._accumulator = None
+        self.totals = {name: summarize_sums(sums) for name, sums in self._run_sums.items()}
+        if self.plot and state.is_world_process_zero and self.totals:
+            output_dir = Path(args.output_dir)
+            plot_expert_load(
+                self.totals, output_dir / self.heatmap_file, title=f"Expert load (step {state.global_step})"
+            )
+            if self.history:
+                plot_load_std_curve(self.history, output_dir / self.curve_file)
+
+    # -- helpers -----------------------------------------------------------------------------------------------
+    def _flush(self, args: TrainingArguments) -> dict[str, dict[str, Any]]:
+        """Statistics since the previous flush, summed over ranks; adds them to the whole-run totals."""
+        vectors = _all_reduce_vectors(self._accumulator.vectors(), args.device)
+        self._accumulator.reset()
+        for name, sums in vectors.items():
+            self._run_sums[name] = self._run_sums[name] + sums if name in self._run_sums else sums
+        return {name: summarize_sums(sums) for name, sums in vectors.items()}
+
+    def flatten(self, stats: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+        """``{"router/<layer>/<stat>": value}`` for every layer of `stats` (the keys this callback logs)."""
+        flat: dict[str, float] = {}
+        for layer, layer_stats in stats.items():
+            for key in LAYER_STAT_KEYS:
+                flat[f"{self.prefix}/{layer}/{key}"] = float(layer_stats[key])
+            if self.log_expert_load:
+                for expert, share in enumerate(layer_stats["load"]):
+                    flat[f"{self.prefix}/{layer}/expert_{expert}_load"] = float(share)
+        return flat
+
+
+def add_router_telemetry(trainer, callback: RouterTelemetryCallback | None = None) -> RouterTelemetryCallback:
+    """Add a `RouterTelemetryCallback` to `trainer`, ahead of its `report_to` integrations.
+
+    The Trainer calls callbacks in list order with the same `logs` dict; placing the telemetry callback right
+    after the Trainer's built-in flow/progress callbacks lets TensorBoard, MLflow, W&B, … log the router keys.
+
+    Args:
+        trainer (`transformers.Trainer`): the trainer to instrument.
+        callback (`RouterTelemetryCallback`, *optional*): a configured callback (default: a new one).
+
+    Returns:
+        The callback (its `history` and `totals` are filled during/after `trainer.train()`).
+    """
+    from transformers.integrations import INTEGRATION_TO_CALLBACK
+
+    callback = callback if callback is not None else RouterTelemetryCallback()
+    reporting_classes = tuple(INTEGRATION_TO_CALLBACK.values())
+    callbacks = trainer.callback_handler.callbacks
+    position = next(
+        (i for i, cb in enumerate(callbacks) if isinstance(cb, reporting_classes)), len(callbacks)
+    )
+    callbacks.insert(position, callback)
+    callback._placed_before_integrations = True
+    return callback
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Offline statistics and plots
+# --------------------------------------------------------------------------------------------------------------
+def _move_to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Mapping):
+        return {key: _move_to(value, device) for key, value in batch.items()}
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    return batch
+
+
+def routing_statistics(
+    model: nn.Module, dataloader: Iterable[Mapping[str, Any]], max_batches: int | None = None
+) -> dict[str, dict[str, Any]]:
+    """Routing statistics of every MoE layer of `model` over `dataloader` (eval mode, no gradients).
+
+    The numbers are those logged by `RouterTelemetryCallback` (definitions in the module docstring), computed
+    over all real tokens of the batches. Eval mode matters for Switch routers: they use `eval_capacity_factor`.
+
+    Args:
+        model (`nn.Module`): a ptmoe model, possibly wrapped (PEFT, DDP).
+        dataloader (iterable of `dict`): batches of keyword arguments for `model` (e.g. a `DataLoader` with a
+            data collator); tensors are moved to the model's device.
+        max_batches (`int`, *optional*): stop after this many batches.
+
+    Returns:
+        `dict` layer name → `{"load": list[float], "load_std", "load_max", "router_entropy", "load_entropy",
+        "drop_rate", "aux_loss", "z_loss": float, "tokens": int}`.
+    """
+    blocks = find_moe_blocks(model)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no SparseMoeBlock: there is no routing to measure.")
+    device = next(model.parameters()).device
+    accumulator = RoutingAccumulator(blocks)
+    was_training = model.training
+    accumulator.install()
+    model.eval()
+    try:
+        with torch.no_grad():
+            for step, batch in enumerate(dataloader):
+                if max_batches is not None and step >= max_batches:
+                    break
+                model(**_move_to(batch, device))
+    finally:
+        accumulator.remove()
+        model.train(was_training)
+    return accumulator.summary()
+
+
+def plot_expert_load(
+    stats: Mapping[str, Mapping[str, Any]], path: str | Path, title: str | None = None
+) -> Path:
+    """Write a PNG heatmap of expert load: one row per MoE layer, one column per expert, colour = token share.
+
+    Args:
+        stats (`Mapping[str, Mapping]`): layer name → statistics with a `"load"` list (`routing_statistics`,
+            `RouterTelemetryCallback.totals`).
+        path (`str` or `Path`): PNG file to write (parent folders are created).
+        title (`str`, *optional*): figure title.
+
+    Returns:
+        The path written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if not stats:
+        raise ValueError("plot_expert_load needs statistics for at least one MoE layer")
+    layers = list(stats)
+    num_experts = max(len(stats[layer]["load"]) for layer in layers)
+    grid = np.full((len(layers), num_experts), np.nan)
+    for row, layer in enumerate(layers):
+        load = stats[layer]["load"]
+        grid[row, : len(load)] = load
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * num_experts + 2.5), max(2.5, 0.45 * len(layers) + 1.5)))
+    vmax = max(float(np.nanmax(grid)), 1.0 / num_experts)
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax)
+    ax.set_xticks(range(num_experts), [str(e) for e in range(num_experts)])
+    ax.set_yticks(range(len(layers)), layers)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    if grid.size <= 256:  # values stay readable on small grids only
+        for (row, col), value in np.ndenumerate(grid):
+            if not np.isnan(value):
+                color = "black" if value > 0.6 * vmax else "white"  # readable on viridis' light end
+                ax.text(col, row, f"{value:.2f}", ha="center", va="center", color=color, fontsize=7)
+    fig.colorbar(image, ax=ax, label="token share")
+    ax.set_title(
+        f"{title or 'Expert load per MoE layer'}\n(balanced = 1/{num_experts} = {1.0 / num_experts:.3f})"
+    )
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_load_std_curve(history: list[Mapping[str, Any]], path: str | Path) -> Path:
+    """Write a PNG of each layer's `load_std` against the training step (`RouterTelemetryCallback.history`).
+
+    Args:
+        history (`list[dict]`): entries ``{"step": int, "layers": {name: {"load_std": float, ...}}}``.
+        path (`str` or `Path`): PNG file to write.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    if not history:
+        raise ValueError("plot_load_std_curve needs at least one logged step")
+    fig, ax = plt.subplots(figsize=(6.0, 3.5))
+    for layer in history[0]["layers"]:
+        steps = [entry["step"] for entry in history if layer in entry["layers"]]
+        values = [entry["layers"][layer]["load_std"] for entry in history if layer in entry["layers"]]
+        ax.plot(steps, values, marker="o", markersize=3, label=layer)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("training step")
+    ax.set_ylabel("std of expert load")
+    ax.set_title("Load imbalance per MoE layer (0 = balanced)")
+    ax.legend(fontsize=7, ncols=2)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+__all__ = [
+    "LAYER_STAT_KEYS",
+    "RouterTelemetryCallback",
+    "RoutingAccumulator",
+    "add_router_telemetry",
+    "find_moe_blocks",
+    "plot_expert_load",
+    "plot_load_std_curve",
+    "routing_statistics",
+    "summarize_sums",
+]

@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""Fine-tune a MoE-BERT model on single-sentence or sentence-pair classification or regression.
+
+Examples (run under `accelerate launch` unchanged for several processes):
+
+    # sentiment (single sentence), local files shipped with ptmoe
+    python scripts/finetune_classification.py --model_name_or_path my-moe-bert \\
+        --train_file ptmoe/data/sentiment_train.jsonl --validation_file ptmoe/data/sentiment_test.jsonl \\
+        --text_column text --label_column label --output_dir out/sentiment
+
+    # ASSIN2 entailment (sentence pair) and similarity (regression) from the Hub
+    python scripts/finetune_classification.py --model_name_or_path my-moe-bert --dataset_name assin2 \\
+        --text_column premise --text_pair_column hypothesis --label_column entailment_judgment --output_dir out/rte
+    python scripts/finetune_classification.py --model_name_or_path my-moe-bert --dataset_name assin2 \\
+        --text_column premise --text_pair_column hypothesis --label_column relatedness_score \\
+        --task_type regression --output_dir out/sts
+
+    # expert LoRA (adapter saved; --merge_lora also saves the merged model) or QLoRA
+    ... --tuning lora --lora_r 8 --lora_alpha 16 --lora_experts all --merge_lora
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
+
+from ptmoe import training
+
+
+@dataclass
+class ClassificationDataArguments(training.DataArguments):
+    text_column: str = field(default="text", metadata={"help": "Column of the (first) sentence."})
+    text_pair_column: str | None = field(
+        default=None, metadata={"help": "Column of the second sentence of a pair (e.g. hypothesis)."}
+    )
+    label_column: str = field(default="label", metadata={"help": "Column of the class or score."})
+    task_type: str = field(
+        default="classification",
+        metadata={
+            "help": "classification (class ids or names) or regression (one float score).",
+            "choices": ["classification", "regression"],
+        },
+    )
+
+
+def main(args: list[str] | None = None) -> dict:
+    """Run the script with command-line `args` (default `sys.argv[1:]`); returns the train and eval metrics."""
+    model_args, data_args, training_args = training.parse_arguments(
+        (training.ModelArguments, ClassificationDataArguments, TrainingArguments), args
+    )
+    training.setup_logging(training_args)
+    set_seed(training_args.seed)
+    do_train, do_eval = training.resolve_do_train_eval(training_args)
+
+    raw = training.load_raw_datasets(
+        data_args.dataset_name,
+        data_args.dataset_config_name,
+        data_args.train_file,
+        data_args.validation_file,
+        validation_split_percentage=data_args.validation_split_percentage,
+        seed=training_args.seed,
+        cache_dir=model_args.cache_dir,
+    )
+    raw = training.limit_samples(raw, data_args.max_train_samples, data_args.max_eval_samples)
+    training.check_columns(
+        raw,
+        {
+            "--text_column": data_args.text_column,
+            "--text_pair_column": data_args.text_pair_column,
+            "--label_column": data_args.label_column,
+        },
+    )
+    model_labels = None
+    if not model_args.ignore_mismatched_sizes:
+        model_labels = training.model_label_names(
+            model_args.model_name_or_path, "sequence", model_args.cache_dir
+        )
+    labels = training.build_label_mapping(raw, data_args.label_column, data_args.task_type, model_labels)
+
+    tokenizer = training.load_tokenizer(model_args)
+    model = training.load_model(model_args, "sequence-classification", labels)
+    max_seq_length = training.resolve_max_length(data_args.max_seq_length, model, tokenizer)
+    with training_args.main_process_first(desc="tokenisation"):
+        tokenized = training.tokenize_classification(
+            raw,
+            tokenizer,
+            data_args.text_column,
+            data_args.label_column,
+            labels,
+            text_pair_column=data_args.text_pair_column,
+            max_seq_length=max_seq_length,
+            num_proc=data_args.preprocessing_num_workers,
+        )
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=tokenized["train"] if do_train else None,
+        eval_dataset=tokenized.get("validation") if do_eval else None,
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=training.classification_metrics(labels),
+        preprocess_logits_for_metrics=training.logits_to_predictions(data_args.task_type),
+    )
+    return training.train_evaluate_save(trainer, model_args, do_train, do_eval)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

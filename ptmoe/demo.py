@@ -1,0 +1,337 @@
+"""The offline end-to-end demo (`ptmoe demo`): every stage of the checkpoint path on the shipped sample data.
+
+    corpus.txt ──► WordPiece tokenizer ──► small dense BERT, brief MLM pre-training
+        ──► upcycle to MoE-BERT (copy: reproduces the dense model) ──► expert-LoRA fine-tuning on sentiment
+        ──► accuracy vs the dense model fine-tuned the same way ──► merged model reloaded in 4-bit NF4
+        ──► Hub-ready folder verified with trust_remote_code in a fresh process ──► summary table + plots
+
+Nothing is downloaded: the tokenizer, the dense model and the data are all built or shipped here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    BertTokenizerFast,
+    DataCollatorForLanguageModeling,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+
+from .models.modeling_moe_bert import MoeBertForSequenceClassification
+from .models.moe import count_parameters
+
+
+@dataclass
+class DemoConfig:
+    """Sizes and lengths of the demo. `quick()` gives a version that runs in well under a minute."""
+
+    output_dir: str = "outputs/demo"
+    seed: int = 0
+    vocab_size: int = 2000
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    max_length: int = 64
+    pretrain_epochs: float = 12.0
+    finetune_epochs: float = 12.0
+    num_experts: int = 4
+    num_experts_per_tok: int = 2
+    lora_r: int = 8
+    learning_rate_pretrain: float = 1e-3
+    learning_rate_finetune: float = 2e-3
+    batch_size: int = 32
+    overwrite: bool = True
+    verify_hub_folder: bool = True
+
+    @classmethod
+    def quick(cls, **overrides) -> DemoConfig:
+        base = dict(
+            vocab_size=600,
+            hidden_size=64,
+            num_layers=2,
+            intermediate_size=128,
+            pretrain_epochs=1.0,
+            finetune_epochs=1.0,
+        )
+        return cls(**{**base, **overrides})
+
+
+@dataclass
+class DemoResult:
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    metrics: dict[str, float] = field(default_factory=dict)
+    params: dict[str, dict[str, int]] = field(default_factory=dict)
+    sizes_mb: dict[str, float] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def _data_file(name: str) -> Path:
+    return Path(str(resources.files("ptmoe") / "data" / name))
+
+
+def _read_jsonl(name: str) -> list[dict]:
+    return [
+        json.loads(line) for line in _data_file(name).read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
+
+
+@contextmanager
+def _stage(result: DemoResult, name: str):
+    print(f"\n== {name}", flush=True)
+    start = time.perf_counter()
+    yield
+    result.stages[name] = time.perf_counter() - start
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path) -> BertTokenizerFast:
+    """A cased WordPiece tokenizer (BERTimbau-style: accents kept) trained on `texts`."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False, clean_text=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.train_from_iterator(
+        texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special)
+    )
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    fast = BertTokenizerFast(tokenizer_object=tokenizer, do_lower_case=False)
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def _training_args(config: DemoConfig, out: Path, epochs: float, lr: float, **extra) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(out),
+        num_train_epochs=epochs,
+        learning_rate=lr,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=64,
+        warmup_steps=0.1,  # a float below 1 is a ratio of the training steps
+        weight_decay=0.01,
+        logging_steps=10,
+        save_strategy="no",
+        report_to=[],
+        seed=config.seed,
+        use_cpu=True,
+        disable_tqdm=False,
+        **extra,
+    )
+
+
+def _tokenize(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
+    encoded = tokenizer([r["text"] for r in rows], truncation=True, max_length=max_length)
+    return [
+        {"input_ids": ids, "attention_mask": mask, **({"labels": r["label"]} if "label" in r else {})}
+        for ids, mask, r in zip(encoded["input_ids"], encoded["attention_mask"], rows, strict=True)
+    ]
+
+
+def _accuracy(model, tokenizer, rows: list[dict], max_length: int) -> float:
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(rows), 64):
+            chunk = rows[start : start + 64]
+            batch = tokenizer(
+                [r["text"] for r in chunk],
+                truncation=True,
+                max_length=max_length,
+                padding=True,
+                return_tensors="pt",
+            )
+            predictions = model(**batch).logits.argmax(-1)
+            correct += int((predictions == torch.tensor([r["label"] for r in chunk])).sum())
+    return correct / len(rows)
+
+
+def _folder_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*.safetensors")) / 2**20
+
+
+def _finetune_with_lora(model, lora_config, config, tokenizer, train_rows, out: Path, callbacks=()):
+    """Expert/FFN LoRA fine-tuning on the sentiment set; returns the merged full-precision model."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, lora_config)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in peft_model.parameters())
+    print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    trainer = Trainer(
+        model=peft_model,
+        args=_training_args(config, out, config.finetune_epochs, config.learning_rate_finetune),
+        train_dataset=_tokenize(tokenizer, train_rows, config.max_length),
+        data_collator=DataCollatorWithPadding(tokenizer),
+        callbacks=list(callbacks),
+    )
+    trainer.train()
+    return peft_model.merge_and_unload(), trainable / total
+
+
+def run_demo(config: DemoConfig | None = None) -> DemoResult:
+    """Run the whole demo; writes everything under `config.output_dir` and returns the measured numbers."""
+    from . import bnb_4bit_config, expert_lora_config, upcycle
+    from .telemetry import RouterTelemetryCallback
+
+    config = config or DemoConfig()
+    out = Path(config.output_dir)
+    if out.exists() and any(out.iterdir()):
+        if not config.overwrite:
+            raise FileExistsError(f"{out} is not empty: pass --overwrite or another --output-dir")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(config.seed)
+    result = DemoResult()
+    corpus = [
+        line for line in _data_file("corpus.txt").read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
+    train_rows, test_rows = _read_jsonl("sentiment_train.jsonl"), _read_jsonl("sentiment_test.jsonl")
+
+    with _stage(result, "1. tokenizer (WordPiece on the shipped corpus)"):
+        tokenizer = train_tokenizer(corpus, config.vocab_size, out / "tokenizer")
+        print(f"vocabulary: {len(tokenizer)} tokens")
+
+    with _stage(result, "2. dense BERT: brief MLM pre-training"):
+        dense_config = BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=config.hidden_size,
+            num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_heads,
+            intermediate_size=config.intermediate_size,
+            max_position_embeddings=config.max_length,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        dense_mlm = BertForMaskedLM(dense_config)
+        trainer = Trainer(
+            model=dense_mlm,
+            args=_training_args(
+                config, out / "dense-mlm", config.pretrain_epochs, config.learning_rate_pretrain
+            ),
+            train_dataset=_tokenize(tokenizer, [{"text": t} for t in corpus], config.max_length),
+            data_collator=DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15),
+        )
+        result.metrics["dense MLM loss (last)"] = trainer.train().training_loss
+        dense_mlm.save_pretrained(out / "dense-mlm")
+        tokenizer.save_pretrained(out / "dense-mlm")
+
+    with _stage(result, "3. upcycle to MoE-BERT (copy)"):
+        moe_mlm = upcycle(
+            out / "dense-mlm",
+            num_experts=config.num_experts,
+            num_experts_per_tok=config.num_experts_per_tok,
+            moe_layers=1,
+            method="copy",
+            seed=config.seed,
+        )
+        batch = tokenizer(
+            corpus[:16], truncation=True, max_length=config.max_length, padding=True, return_tensors="pt"
+        )
+        real = batch["attention_mask"].bool()
+        with torch.no_grad():
+            difference = (moe_mlm(**batch).logits - dense_mlm.eval()(**batch).logits)[real].abs().max().item()
+        result.metrics["upcycled vs dense max |Δlogit|"] = difference
+        print(f"upcycled MoE reproduces the dense MLM: max |Δlogit| = {difference:.2e}")
+        moe_mlm.save_pretrained(out / "moe-mlm")
+        tokenizer.save_pretrained(out / "moe-mlm")
+        result.params["dense"] = {"total": dense_mlm.num_parameters(), "active": dense_mlm.num_parameters()}
+        result.params["MoE"] = count_parameters(moe_mlm)
+
+    telemetry = RouterTelemetryCallback(log_expert_load=False)
+    with _stage(result, "4. fine-tune MoE-BERT with LoRA per expert (sentiment)"):
+        set_seed(config.seed)
+        moe_cls = MoeBertForSequenceClassification.from_pretrained(out / "moe-mlm", num_labels=2)
+        lora = expert_lora_config(moe_cls, r=config.lora_r, alpha=2 * config.lora_r, include_attention=True)
+        lora.modules_to_save = sorted(set(lora.modules_to_save or []) | {"classifier", "pooler"})
+        moe_merged, share = _finetune_with_lora(
+            moe_cls, lora, config, tokenizer, train_rows, out / "moe-finetune", callbacks=[telemetry]
+        )
+        result.metrics["MoE LoRA trainable share"] = share
+        result.metrics["MoE accuracy (fp32)"] = _accuracy(moe_merged, tokenizer, test_rows, config.max_length)
+        moe_merged.save_pretrained(out / "moe-sentiment")
+        tokenizer.save_pretrained(out / "moe-sentiment")
+        result.files["expert load heatmap"] = str(out / "moe-finetune" / "expert_load.png")
+
+    with _stage(result, "5. fine-tune the dense BERT the same way (LoRA on its FFN + attention)"):
+        from peft import LoraConfig
+
+        set_seed(config.seed)
+        dense_cls = BertForSequenceClassification.from_pretrained(out / "dense-mlm", num_labels=2)
+        dense_lora = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=2 * config.lora_r,
+            target_modules=r".*\.(intermediate\.dense|output\.dense|attention\.self\.(query|key|value))",
+            modules_to_save=["classifier", "pooler"],
+        )
+        dense_merged, _ = _finetune_with_lora(
+            dense_cls, dense_lora, config, tokenizer, train_rows, out / "dense-ft"
+        )
+        result.metrics["dense accuracy (fp32)"] = _accuracy(
+            dense_merged, tokenizer, test_rows, config.max_length
+        )
+
+    with _stage(result, "6. reload the fine-tuned MoE in 4-bit NF4 (bitsandbytes)"):
+        moe_4bit = MoeBertForSequenceClassification.from_pretrained(
+            out / "moe-sentiment", quantization_config=bnb_4bit_config(compute_dtype=torch.float32)
+        )
+        result.metrics["MoE accuracy (4-bit)"] = _accuracy(moe_4bit, tokenizer, test_rows, config.max_length)
+        result.sizes_mb["MoE fp32 in memory"] = moe_merged.get_memory_footprint() / 2**20
+        result.sizes_mb["MoE 4-bit in memory"] = moe_4bit.get_memory_footprint() / 2**20
+        result.sizes_mb["MoE fp32 on disk"] = _folder_mb(out / "moe-sentiment")
+
+    if config.verify_hub_folder:
+        with _stage(result, "7. Hub-ready folder, verified with trust_remote_code in a fresh process"):
+            from hub_upload.prepare import prepare
+
+            report = prepare(out / "moe-sentiment", out / "hub-folder", overwrite=True)
+            result.files["hub folder"] = str(report["out_dir"])
+
+    with _stage(result, "8. plots"):
+        from .telemetry import plot_expert_load
+
+        if telemetry.totals:
+            path = plot_expert_load(
+                telemetry.totals, out / "expert_load.png", title="Expert load (fine-tuning)"
+            )
+            result.files["expert load heatmap"] = str(path)
+
+    print_summary(result)
+    (out / "summary.json").write_text(json.dumps(asdict(result), indent=2), encoding="utf-8")
+    return result
+
+
+def print_summary(result: DemoResult) -> None:
+    print("\n" + "=" * 72 + "\nptmoe demo — summary\n" + "=" * 72)
+    for name, counts in result.params.items():
+        print(
+            f"{name + ' parameters':<36} total {counts['total']:>12,}   active/token {counts['active']:>12,}"
+        )
+    for name, value in result.metrics.items():
+        shown = f"{value:.3f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+        print(f"{name:<36} {shown:>12}")
+    for name, value in result.sizes_mb.items():
+        print(f"{name:<36} {value:>10.2f} MB")
+    for name, seconds in result.stages.items():
+        print(f"{name:<60} {seconds:>7.1f} s")
+    for name, path in result.files.items():
+        print(f"{name:<36} {path}")

@@ -12,11 +12,14 @@ from transformers import (
     AutoModel,
     AutoModelForMaskedLM,
     AutoModelForQuestionAnswering,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
+    AutoModelForTextEncoding,
     AutoModelForTokenClassification,
 )
 
 from .models.configuration_moe_bert import MoeBertConfig
+from .models.configuration_moe_t5 import MoeT5Config
 from .models.modeling_moe_bert import (
     MoeBertForMaskedLM,
     MoeBertForQuestionAnswering,
@@ -24,6 +27,7 @@ from .models.modeling_moe_bert import (
     MoeBertForTokenClassification,
     MoeBertModel,
 )
+from .models.modeling_moe_t5 import MoeT5EncoderModel, MoeT5ForConditionalGeneration, MoeT5Model
 
 # (config class, [(auto class, model class), ...]) per model family.
 REGISTRY = [
@@ -35,6 +39,14 @@ REGISTRY = [
             (AutoModelForSequenceClassification, MoeBertForSequenceClassification),
             (AutoModelForTokenClassification, MoeBertForTokenClassification),
             (AutoModelForQuestionAnswering, MoeBertForQuestionAnswering),
+        ],
+    ),
+    (
+        MoeT5Config,
+        [
+            (AutoModel, MoeT5Model),
+            (AutoModelForSeq2SeqLM, MoeT5ForConditionalGeneration),
+            (AutoModelForTextEncoding, MoeT5EncoderModel),
         ],
     ),
 ]

@@ -24,7 +24,9 @@ import ptmoe
 BERT_BASE = dict(
     vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
 )
-BERT_TINY = dict(vocab_size=99, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128)
+BERT_TINY = dict(
+    vocab_size=99, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128
+)
 
 
 @dataclass
@@ -63,7 +65,11 @@ def bert_cases(shape: dict) -> list[Case]:
             lambda: ptmoe.MoeBertModel(ptmoe.MoeBertConfig(**shape, **moe, num_experts_per_tok=2)),
             _encoder_forward,
         ),
-        Case("transformers Switch encoder", lambda: SwitchTransformersEncoderModel(switch_config), _encoder_forward),
+        Case(
+            "transformers Switch encoder",
+            lambda: SwitchTransformersEncoderModel(switch_config),
+            _encoder_forward,
+        ),
     ]
 
 
@@ -84,7 +90,9 @@ def measure(case: Case, dtype: torch.dtype, batch: int, seq: int, warmup: int, r
     return batch * seq / statistics.median(times)
 
 
-def report(results: dict[tuple[str, str], float], ratios: list[tuple[str, str, float]], dtypes: list[str]) -> None:
+def report(
+    results: dict[tuple[str, str], float], ratios: list[tuple[str, str, float]], dtypes: list[str]
+) -> None:
     names = list(dict.fromkeys(name for name, _ in results))
     print(f"\n{'model':<34}" + "".join(f"{d + ' tok/s':>16}" for d in dtypes))
     for name in names:
@@ -94,11 +102,15 @@ def report(results: dict[tuple[str, str], float], ratios: list[tuple[str, str, f
         values = [results[(numerator, d)] / results[(denominator, d)] for d in dtypes]
         verdict = "ok" if all(v >= target for v in values) else "MISSED"
         label = f"{numerator} / {denominator}"
-        print(f"{label:<58}" + "".join(f"{v:>10.3f}" for v in values) + f"{'>= ' + str(target):>10} {verdict}")
+        print(
+            f"{label:<58}" + "".join(f"{v:>10.3f}" for v in values) + f"{'>= ' + str(target):>10} {verdict}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 runs: check the script works")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
@@ -127,7 +139,10 @@ def main(argv: list[str] | None = None) -> None:
             results[(case.name, dtype_name)] = measure(
                 case, getattr(torch, dtype_name), args.batch, args.seq, args.warmup, args.runs
             )
-            print(f"  {case.name:<34} {dtype_name:<9} {results[(case.name, dtype_name)]:>10,.0f} tokens/s", flush=True)
+            print(
+                f"  {case.name:<34} {dtype_name:<9} {results[(case.name, dtype_name)]:>10,.0f} tokens/s",
+                flush=True,
+            )
     report(results, ratios, args.dtypes)
 
 

@@ -205,6 +205,18 @@ class MoeBertPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_record_outputs = {"hidden_states": MoeBertLayer, "attentions": BertSelfAttention}
+    # `loss` already averages over tokens and adds router losses: the Trainer must still divide it by the
+    # gradient-accumulation steps and must not rescale it by the number of processes.
+    accepts_loss_kwargs = False
+    # Task heads that bitsandbytes must never quantize (name suffixes; `load_checked` adds them to the skip list).
+    # Routers need no entry: they are bare Parameters, which bitsandbytes never touches.
+    _modules_to_not_quantize = [
+        "classifier",
+        "qa_outputs",
+        "cls.predictions.transform.dense",
+        "cls.predictions.decoder",
+        "pooler.dense",
+    ]
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -216,6 +228,12 @@ class MoeBertPreTrainedModel(PreTrainedModel):
         elif isinstance(module, BertEmbeddings):
             init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
             init.zeros_(module.token_type_ids)
+
+    def _initialize_weights(self, module, is_custom_code: bool = False):
+        # Registered classes count as "custom code", and transformers then skips modules without direct
+        # parameters (attention blocks, experts), so their `_init_weights` rules never ran. Every init here goes
+        # through `transformers.initialization`, which already leaves loaded tensors alone.
+        super()._initialize_weights(module, is_custom_code=False)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

@@ -319,6 +319,12 @@ class MoeT5PreTrainedModel(T5PreTrainedModel):
     _no_split_modules = ["MoeT5Block"]
     # Expert dispatch has data-dependent shapes (tokens per expert), so no full-graph torch.compile (as Switch).
     _can_compile_fullgraph = False
+    # `loss` already averages over tokens and adds router losses (see MoeBertPreTrainedModel).
+    accepts_loss_kwargs = False
+    # Dense `wo` stays fp32 as in T5 (fp16 overflow), but not the experts' `wo`: transformers also uses this list
+    # to skip quantization, and half of every expert would then stay unquantized in 4-bit loads.
+    _keep_in_fp32_modules = ["DenseReluDense.wo"]
+    _modules_to_not_quantize = ["lm_head"]
     _can_record_outputs = {
         "hidden_states": OutputRecorder(MoeT5Block, index=0),
         "attentions": OutputRecorder(T5LayerSelfAttention, index=-1),
@@ -343,6 +349,12 @@ class MoeT5PreTrainedModel(T5PreTrainedModel):
             init.normal_(module.shared.weight, mean=0.0, std=factor * 1.0)
             if hasattr(module, "lm_head") and not self.config.tie_word_embeddings:
                 init.normal_(module.lm_head.weight, mean=0.0, std=factor * 1.0)
+
+    def _initialize_weights(self, module, is_custom_code: bool = False):
+        # Registered classes count as "custom code", and transformers then skips modules without direct
+        # parameters (attention blocks, experts), so their `_init_weights` rules never ran. Every init here goes
+        # through `transformers.initialization`, which already leaves loaded tensors alone.
+        super()._initialize_weights(module, is_custom_code=False)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

@@ -12,6 +12,7 @@ only torch and transformers — never ``ptmoe``.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -400,8 +401,9 @@ class MoeExpert(nn.Module):
         else:
             hidden_states = self.act(self.wi(hidden_states))
         hidden_states = self.dropout(hidden_states)
-        wo_dtype = self.wo.weight.dtype
-        if wo_dtype.is_floating_point and hidden_states.dtype != wo_dtype:
+        # `getattr`: quantized linears may expose no weight tensor (torch.ao dynamic INT8: `weight()` is a method).
+        wo_dtype = getattr(self.wo.weight, "dtype", None)
+        if wo_dtype is not None and wo_dtype.is_floating_point and hidden_states.dtype != wo_dtype:
             hidden_states = hidden_states.to(wo_dtype)  # e.g. T5 keeps `wo` in fp32 under fp16
         return self.wo(hidden_states)
 
@@ -471,7 +473,9 @@ class SparseMoeBlock(nn.Module):
                 continue
             tokens = expert_slots // k
             expert_out = expert(flat_states.index_select(0, tokens))  # (n_e, H)
-            output.index_add_(0, tokens, expert_out * slot_weight[expert_slots].unsqueeze(-1))
+            weighted = expert_out * slot_weight[expert_slots].unsqueeze(-1)
+            # `.to`: an fp32 `wo` (T5's `_keep_in_fp32_modules` under fp16 loads) returns fp32 expert outputs.
+            output.index_add_(0, tokens, weighted.to(output.dtype))
 
         output = output.view(batch_size, seq_len, hidden_size)
         if self.shared_experts is not None:
@@ -632,6 +636,13 @@ def count_parameters(model: nn.Module, num_experts_per_tok: int | None = None) -
     return {"total": total, "active": total - inactive}
 
 
+def _moe_layer_fields(config) -> str:
+    """The config's MoE layer fields for messages: `moe_layers` (MoE-BERT) or encoder/decoder lists (MoE-T5)."""
+    if hasattr(config, "encoder_moe_layers"):
+        return f"encoder {config.encoder_moe_layers}, decoder {config.decoder_moe_layers}"
+    return str(getattr(config, "moe_layers", None))
+
+
 def check_expert_keys(loading_info: dict, config) -> None:
     """Refuse a checkpoint whose experts/routers do not match the model (no silently random experts).
 
@@ -651,11 +662,58 @@ def check_expert_keys(loading_info: dict, config) -> None:
         raise ValueError(
             "The checkpoint's MoE layers do not match the model config "
             f"(num_experts={config.num_experts}, num_shared_experts={config.num_shared_experts}, "
-            f"router_type={config.router_type!r}, MoE layers {getattr(config, 'moe_layers', None)}): "
+            f"router_type={config.router_type!r}, MoE layers {_moe_layer_fields(config)}): "
             f"{len(missing)} missing, {len(unexpected)} unexpected and {len(mismatched)} mismatched expert/router "
             f"weights (e.g. {shown}). Load it with the config saved beside it (do not override `num_experts` or "
             "the MoE layers), or build a new MoE model from a dense checkpoint with `ptmoe.upcycle`."
         )
+
+
+def disable_bnb_cpu_weight_repacking(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights in place on CPUs with avx512_bf16; returns the modules changed.
+
+    bitsandbytes >= 0.49 converts a `Linear4bit` weight to a CPU-specific packed layout on its first no-grad eval
+    forward (`Linear4bit.support_avx512bf16_for_cpu`, True on CPUs with avx512_bf16). Afterwards a layer whose
+    output size is not a multiple of 32 fails, `save_pretrained` can write corrupt weights and a QLoRA
+    train → eval → train sequence breaks. Turning the flag off keeps the standard layout on every CPU (the flag is
+    an attribute, so no bitsandbytes import is needed here).
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
+def keep_modules_unquantized(quantization_config, modules: Sequence[str] | None):
+    """A copy of a bitsandbytes `quantization_config` whose `llm_int8_skip_modules` also lists `modules`.
+
+    transformers' automatic skip list (`get_keys_to_not_convert`) misses a head whose last parameter is a bias (it
+    strips only `.weight` from the name), e.g. `classifier`; `_keep_in_fp32_modules` would force the heads to fp32
+    in fp16 loads, where their fp16 inputs then fail. Listing the heads in the skip list keeps them unquantized, in
+    the load dtype.
+    Configs of other quantization methods are returned unchanged.
+
+    Args:
+        quantization_config (`BitsAndBytesConfig`, `dict` or `None`): what the user passed to `from_pretrained`.
+        modules (`list[str]`): module name patterns (suffixes) to keep in full precision.
+    """
+    if quantization_config is None or not modules:
+        return quantization_config
+    if isinstance(quantization_config, dict):
+        is_bnb = quantization_config.get("quant_method") == "bitsandbytes" or any(
+            quantization_config.get(key) for key in ("load_in_4bit", "load_in_8bit")
+        )
+        if not is_bnb:
+            return quantization_config
+        skip = quantization_config.get("llm_int8_skip_modules") or []
+        return {**quantization_config, "llm_int8_skip_modules": sorted(set(skip) | set(modules))}
+    if not hasattr(quantization_config, "llm_int8_skip_modules"):
+        return quantization_config
+    config = copy.deepcopy(quantization_config)
+    config.llm_int8_skip_modules = sorted(set(config.llm_int8_skip_modules or []) | set(modules))
+    return config
 
 
 def load_checked(from_pretrained, *args, **kwargs):
@@ -663,12 +721,22 @@ def load_checked(from_pretrained, *args, **kwargs):
 
     Size mismatches are collected instead of raised by transformers, so that a wrong `num_experts` gets the
     message above; other mismatches still fail unless the caller passed `ignore_mismatched_sizes=True`.
+    With a bitsandbytes `quantization_config`, the model class's `_modules_to_not_quantize` (task heads) stay in
+    full precision, and 4-bit weights are never repacked for avx512_bf16 CPUs (see
+    `disable_bnb_cpu_weight_repacking`).
     """
     output_loading_info = kwargs.pop("output_loading_info", False)
     ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
+    # `from_pretrained` is the bound classmethod of the class being loaded: its `__self__` is that class.
+    model_class = getattr(from_pretrained, "__self__", None)
+    if kwargs.get("quantization_config") is not None:
+        kwargs["quantization_config"] = keep_modules_unquantized(
+            kwargs["quantization_config"], getattr(model_class, "_modules_to_not_quantize", None)
+        )
     model, loading_info = from_pretrained(
         *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
     )
+    disable_bnb_cpu_weight_repacking(model)
     check_expert_keys(loading_info, model.config)
     mismatched = loading_info.get("mismatched_keys", [])
     if mismatched and not ignore_mismatched_sizes:

@@ -1,6 +1,7 @@
 """Forward throughput of MoE models next to their dense and transformers-Switch counterparts, in one run.
 
-    python scripts/bench_forward.py                 # BERT-base shapes, 16 x 128 tokens, fp32 + bf16
+    python scripts/bench_forward.py                 # BERT-base and T5-base shapes, 16 x 128 tokens, fp32 + bf16
+                                                    # (+ greedy generate: 32 new tokens at batch 8 for T5)
     python scripts/bench_forward.py --quick         # tiny shapes, to check the script works
 
 Every model is built from a config with random weights (nothing is downloaded). Each number is the median of
@@ -17,7 +18,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import BertConfig, BertModel, SwitchTransformersConfig, SwitchTransformersEncoderModel
+from transformers import (
+    BertConfig,
+    BertModel,
+    SwitchTransformersConfig,
+    SwitchTransformersEncoderModel,
+    SwitchTransformersForConditionalGeneration,
+    T5Config,
+    T5EncoderModel,
+    T5ForConditionalGeneration,
+)
 
 import ptmoe
 
@@ -73,6 +83,52 @@ def bert_cases(shape: dict) -> list[Case]:
     ]
 
 
+T5_BASE = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12)
+T5_TINY = dict(vocab_size=99, d_model=64, d_kv=16, d_ff=128, num_layers=4, num_heads=4)
+
+
+def _generate(model, input_ids, attention_mask):
+    # greedy, 32 new tokens, KV cache; forced length so every model does the same work
+    return model.generate(
+        input_ids=input_ids[:8],
+        attention_mask=attention_mask[:8],
+        max_new_tokens=32,
+        min_new_tokens=32,
+        do_sample=False,
+    )
+
+
+def t5_cases(shape: dict) -> list[Case]:
+    moe = dict(num_experts=8, encoder_moe_layers=2, decoder_moe_layers=2)
+    switch = dict(
+        **shape,
+        num_decoder_layers=shape["num_layers"],
+        num_experts=8,
+        encoder_sparse_step=2,
+        decoder_sparse_step=2,
+        expert_capacity=64,
+        decoder_start_token_id=0,
+    )
+    moe_config = lambda: ptmoe.MoeT5Config.switch(**shape, **moe, decoder_start_token_id=0)  # noqa: E731
+    t5_config = lambda: T5Config(**shape, decoder_start_token_id=0)  # noqa: E731
+    return [
+        Case("dense T5 encoder", lambda: T5EncoderModel(t5_config()), _encoder_forward),
+        Case("MoE-T5 top-1 encoder", lambda: ptmoe.MoeT5EncoderModel(moe_config()), _encoder_forward),
+        Case(
+            "transformers Switch encoder (T5)",
+            lambda: SwitchTransformersEncoderModel(SwitchTransformersConfig(**switch)),
+            _encoder_forward,
+        ),
+        Case("dense T5 generate", lambda: T5ForConditionalGeneration(t5_config()), _generate),
+        Case("MoE-T5 top-1 generate", lambda: ptmoe.MoeT5ForConditionalGeneration(moe_config()), _generate),
+        Case(
+            "transformers Switch generate",
+            lambda: SwitchTransformersForConditionalGeneration(SwitchTransformersConfig(**switch)),
+            _generate,
+        ),
+    ]
+
+
 def measure(case: Case, dtype: torch.dtype, batch: int, seq: int, warmup: int, runs: int) -> float:
     """Median tokens/s of `case` at `batch x seq` in `dtype`."""
     torch.manual_seed(0)
@@ -87,7 +143,8 @@ def measure(case: Case, dtype: torch.dtype, batch: int, seq: int, warmup: int, r
             case.run(model, input_ids, attention_mask)
             if i >= warmup:
                 times.append(time.perf_counter() - start)
-    return batch * seq / statistics.median(times)
+    tokens = 8 * 32 if case.run is _generate else batch * seq
+    return tokens / statistics.median(times)
 
 
 def report(
@@ -118,17 +175,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--families", nargs="+", default=["bert", "t5"], choices=["bert", "t5"])
     args = parser.parse_args(argv)
     if args.quick:
         args.batch, args.seq, args.runs, args.warmup = 2, 16, 2, 1
     torch.set_num_threads(args.threads)
 
-    cases = bert_cases(BERT_TINY if args.quick else BERT_BASE)
-    ratios = [
-        ("MoE-BERT top-1 (switch)", "dense BERT", 0.97),
-        ("MoE-BERT top-1 (switch)", "transformers Switch encoder", 1.0),
-        ("MoE-BERT top-2", "dense BERT", 0.55),
-    ]
+    cases, ratios = [], []
+    if "bert" in args.families:
+        cases += bert_cases(BERT_TINY if args.quick else BERT_BASE)
+        ratios += [
+            ("MoE-BERT top-1 (switch)", "dense BERT", 0.97),
+            ("MoE-BERT top-1 (switch)", "transformers Switch encoder", 1.0),
+            ("MoE-BERT top-2", "dense BERT", 0.55),
+        ]
+    if "t5" in args.families:
+        cases += t5_cases(T5_TINY if args.quick else T5_BASE)
+        ratios += [
+            ("MoE-T5 top-1 encoder", "dense T5 encoder", 0.97),
+            ("MoE-T5 top-1 encoder", "transformers Switch encoder (T5)", 1.0),
+            ("MoE-T5 top-1 generate", "dense T5 generate", 0.97),
+            ("MoE-T5 top-1 generate", "transformers Switch generate", 1.0),
+        ]
     print(
         f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} x {args.seq} tokens, "
         f"median of {args.runs} runs after {args.warmup} warm-up"

@@ -295,12 +295,14 @@ def test_checkpoint_with_other_num_experts_is_refused(tmp_path):
         MoeT5ForConditionalGeneration.from_pretrained(tmp_path, num_experts=2)
 
 
-def test_half_precision_load_keeps_expert_wo_in_fp32(tmp_path):
-    # T5's `_keep_in_fp32_modules = ["wo"]` also keeps the experts' `wo` in fp32 under fp16 loads.
+def test_half_precision_load_keeps_dense_wo_in_fp32_and_experts_in_fp16(tmp_path):
+    # Dense `DenseReluDense.wo` stays fp32 as in T5; expert `wo` follows the load dtype, so that bitsandbytes
+    # (which reuses `_keep_in_fp32_modules` as its skip list) quantizes whole experts.
     MoeT5ForConditionalGeneration(tiny_config(num_shared_experts=1)).save_pretrained(tmp_path)
     model = MoeT5ForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float16).eval()
     moe = model.encoder.block[1].layer[1].moe
-    assert moe.experts[0].wo.weight.dtype == torch.float32 and moe.experts[0].wi.weight.dtype == torch.float16
+    assert moe.experts[0].wo.weight.dtype == torch.float16 and moe.experts[0].wi.weight.dtype == torch.float16
+    assert model.decoder.block[0].layer[2].DenseReluDense.wo.weight.dtype == torch.float32
     input_ids, attention_mask, labels = inputs()
     with torch.no_grad():
         out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)

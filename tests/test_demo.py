@@ -1,0 +1,21 @@
+"""The README's main job, `ptmoe demo`, end to end in its quick form."""
+
+from __future__ import annotations
+
+import json
+
+from ptmoe.cli import main
+
+
+def test_quick_demo_runs_every_stage_offline(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--output-dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metrics"]["upcycled vs dense max |Δlogit|"] < 1e-4  # copy-upcycling reproduces the dense model
+    for key in ("MoE accuracy (fp32)", "dense accuracy (fp32)", "MoE accuracy (4-bit)"):
+        assert 0.0 <= summary["metrics"][key] <= 1.0
+    assert summary["params"]["MoE"]["total"] > summary["params"]["MoE"]["active"]
+    assert summary["sizes_mb"]["MoE 4-bit in memory"] < summary["sizes_mb"]["MoE fp32 in memory"]
+    assert (out / "hub-folder" / ".ptmoe_verified.json").exists()
+    assert (out / "expert_load.png").stat().st_size > 0
+    assert not list(out.rglob("*.bin"))

@@ -121,10 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="tiny sizes and one epoch per stage (about a minute)"
     )
     demo.add_argument(
-        "--pretrain-epochs", dest="pretrain_epochs", type=float, help="dense MLM epochs (default 12)"
+        "--pretrain-epochs", dest="pretrain_epochs", type=float, help="dense MLM epochs (default 40)"
     )
     demo.add_argument(
-        "--finetune-epochs", dest="finetune_epochs", type=float, help="LoRA epochs (default 12)"
+        "--finetune-epochs", dest="finetune_epochs", type=float, help="LoRA epochs (default 30)"
     )
     demo.add_argument("--experts", dest="num_experts", type=int, help="experts per MoE layer (default 4)")
     demo.add_argument("--top-k", dest="num_experts_per_tok", type=int, help="experts per token (default 2)")

@@ -47,8 +47,8 @@ class DemoConfig:
     num_heads: int = 4
     intermediate_size: int = 512
     max_length: int = 64
-    pretrain_epochs: float = 12.0
-    finetune_epochs: float = 12.0
+    pretrain_epochs: float = 40.0
+    finetune_epochs: float = 30.0
     num_experts: int = 4
     num_experts_per_tok: int = 2
     lora_r: int = 8

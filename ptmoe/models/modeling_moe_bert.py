@@ -37,7 +37,14 @@ from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_moe_bert import MoeBertConfig
-from .moe import RouterOutput, SparseMoeBlock, compute_router_losses, init_router, load_checked, total_loss
+from .moe import (
+    MoePreTrainedMixin,
+    RouterOutput,
+    SparseMoeBlock,
+    compute_router_losses,
+    init_router,
+    total_loss,
+)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -194,7 +201,7 @@ class MoeBertEncoder(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------------------
-class MoeBertPreTrainedModel(PreTrainedModel):
+class MoeBertPreTrainedModel(MoePreTrainedMixin, PreTrainedModel):
     config_class = MoeBertConfig
     config: MoeBertConfig
     base_model_prefix = "bert"
@@ -205,9 +212,6 @@ class MoeBertPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_record_outputs = {"hidden_states": MoeBertLayer, "attentions": BertSelfAttention}
-    # `loss` already averages over tokens and adds router losses: the Trainer must still divide it by the
-    # gradient-accumulation steps and must not rescale it by the number of processes.
-    accepts_loss_kwargs = False
     # Task heads that bitsandbytes must never quantize (name suffixes; `load_checked` adds them to the skip list).
     # Routers need no entry: they are bare Parameters, which bitsandbytes never touches.
     _modules_to_not_quantize = [
@@ -228,17 +232,6 @@ class MoeBertPreTrainedModel(PreTrainedModel):
         elif isinstance(module, BertEmbeddings):
             init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
             init.zeros_(module.token_type_ids)
-
-    def _initialize_weights(self, module, is_custom_code: bool = False):
-        # Registered classes count as "custom code", and transformers then skips modules without direct
-        # parameters (attention blocks, experts), so their `_init_weights` rules never ran. Every init here goes
-        # through `transformers.initialization`, which already leaves loaded tensors alone.
-        super()._initialize_weights(module, is_custom_code=False)
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, refusing checkpoints whose experts or routers do not match."""
-        return load_checked(super().from_pretrained, *args, **kwargs)
 
 
 class MoeBertModel(MoeBertPreTrainedModel):

@@ -41,12 +41,12 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .configuration_moe_t5 import MoeT5Config
 from .moe import (
     MoeExpert,
+    MoePreTrainedMixin,
     RouterLosses,
     RouterOutput,
     SparseMoeBlock,
     compute_router_losses,
     init_router,
-    load_checked,
     total_loss,
 )
 
@@ -310,7 +310,7 @@ class MoeT5Block(GradientCheckpointingLayer):
 # --------------------------------------------------------------------------------------------------------------
 # Pre-trained model base and stacks
 # --------------------------------------------------------------------------------------------------------------
-class MoeT5PreTrainedModel(T5PreTrainedModel):
+class MoeT5PreTrainedModel(MoePreTrainedMixin, T5PreTrainedModel):
     """T5's `PreTrainedModel` contract (fp32 `wo`, SDPA/flex attention, init factors, `_shift_right`) for MoE-T5."""
 
     config_class = MoeT5Config
@@ -319,8 +319,6 @@ class MoeT5PreTrainedModel(T5PreTrainedModel):
     _no_split_modules = ["MoeT5Block"]
     # Expert dispatch has data-dependent shapes (tokens per expert), so no full-graph torch.compile (as Switch).
     _can_compile_fullgraph = False
-    # `loss` already averages over tokens and adds router losses (see MoeBertPreTrainedModel).
-    accepts_loss_kwargs = False
     # Dense `wo` stays fp32 as in T5 (fp16 overflow), but not the experts' `wo`: transformers also uses this list
     # to skip quantization, and half of every expert would then stay unquantized in 4-bit loads.
     _keep_in_fp32_modules = ["DenseReluDense.wo"]
@@ -349,17 +347,6 @@ class MoeT5PreTrainedModel(T5PreTrainedModel):
             init.normal_(module.shared.weight, mean=0.0, std=factor * 1.0)
             if hasattr(module, "lm_head") and not self.config.tie_word_embeddings:
                 init.normal_(module.lm_head.weight, mean=0.0, std=factor * 1.0)
-
-    def _initialize_weights(self, module, is_custom_code: bool = False):
-        # Registered classes count as "custom code", and transformers then skips modules without direct
-        # parameters (attention blocks, experts), so their `_init_weights` rules never ran. Every init here goes
-        # through `transformers.initialization`, which already leaves loaded tensors alone.
-        super()._initialize_weights(module, is_custom_code=False)
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, refusing checkpoints whose experts or routers do not match."""
-        return load_checked(super().from_pretrained, *args, **kwargs)
 
 
 class MoeT5Stack(MoeT5PreTrainedModel):

@@ -745,3 +745,22 @@ def load_checked(from_pretrained, *args, **kwargs):
             "`ignore_mismatched_sizes=True` to re-initialise them (e.g. a new classification head)."
         )
     return (model, loading_info) if output_loading_info else model
+
+
+class MoePreTrainedMixin:
+    """`PreTrainedModel` behaviour shared by the MoE families (put it first in the bases)."""
+
+    # `loss` already averages over tokens and adds the router losses: the Trainer must still divide it by the
+    # gradient-accumulation steps and must not rescale it by the number of processes.
+    accepts_loss_kwargs = False
+
+    def _initialize_weights(self, module, is_custom_code: bool = False):
+        # Registered classes count as "custom code", and transformers then skips modules without direct
+        # parameters (attention blocks, experts), so their `_init_weights` rules never ran. Every init here goes
+        # through `transformers.initialization`, which already leaves loaded tensors alone.
+        super()._initialize_weights(module, is_custom_code=False)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, refusing checkpoints whose experts or routers do not match."""
+        return load_checked(super().from_pretrained, *args, **kwargs)

@@ -294,6 +294,38 @@ def load_raw_datasets(
     return datasets.DatasetDict({name: raw[name] for name in ("train", "validation") if name in raw})
 
 
+def start_run(
+    argument_types: tuple, args: list[str] | None = None, defaults: Mapping[str, Any] | None = None
+):
+    """The start every script shares: parse arguments, set up logging and the seed, load and trim the data.
+
+    Args:
+        argument_types (`tuple`): `(ModelArguments, <script's DataArguments>, <TrainingArguments class>)`.
+        args (`list[str]`, *optional*): command-line arguments (default `sys.argv[1:]`), or one `.json` file.
+        defaults (`dict`, *optional*): defaults that differ from the argument classes' own.
+
+    Returns:
+        `(model_args, data_args, training_args, raw_datasets, do_train, do_eval)`.
+    """
+    from transformers import set_seed
+
+    model_args, data_args, training_args = parse_arguments(argument_types, args, defaults=defaults)
+    setup_logging(training_args)
+    set_seed(training_args.seed)
+    do_train, do_eval = resolve_do_train_eval(training_args)
+    raw = load_raw_datasets(
+        data_args.dataset_name,
+        data_args.dataset_config_name,
+        data_args.train_file,
+        data_args.validation_file,
+        validation_split_percentage=data_args.validation_split_percentage,
+        seed=training_args.seed,
+        cache_dir=model_args.cache_dir,
+    )
+    raw = limit_samples(raw, data_args.max_train_samples, data_args.max_eval_samples)
+    return model_args, data_args, training_args, raw, do_train, do_eval
+
+
 def limit_samples(raw_datasets, max_train_samples: int | None = None, max_eval_samples: int | None = None):
     """Keep the first `max_train_samples` / `max_eval_samples` rows of `train` / `validation` (smoke runs)."""
     import datasets

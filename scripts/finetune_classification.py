@@ -24,7 +24,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
 from ptmoe import training
 
@@ -47,23 +47,9 @@ class ClassificationDataArguments(training.DataArguments):
 
 def main(args: list[str] | None = None) -> dict:
     """Run the script with command-line `args` (default `sys.argv[1:]`); returns the train and eval metrics."""
-    model_args, data_args, training_args = training.parse_arguments(
+    model_args, data_args, training_args, raw, do_train, do_eval = training.start_run(
         (training.ModelArguments, ClassificationDataArguments, TrainingArguments), args
     )
-    training.setup_logging(training_args)
-    set_seed(training_args.seed)
-    do_train, do_eval = training.resolve_do_train_eval(training_args)
-
-    raw = training.load_raw_datasets(
-        data_args.dataset_name,
-        data_args.dataset_config_name,
-        data_args.train_file,
-        data_args.validation_file,
-        validation_split_percentage=data_args.validation_split_percentage,
-        seed=training_args.seed,
-        cache_dir=model_args.cache_dir,
-    )
-    raw = training.limit_samples(raw, data_args.max_train_samples, data_args.max_eval_samples)
     training.check_columns(
         raw,
         {

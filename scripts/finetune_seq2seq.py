@@ -21,7 +21,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, set_seed
+from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
 
 from ptmoe import training
 
@@ -46,27 +46,13 @@ class Seq2SeqDataArguments(training.DataArguments):
 
 def main(args: list[str] | None = None) -> dict:
     """Run the script with command-line `args` (default `sys.argv[1:]`); returns the train and eval metrics."""
-    model_args, data_args, training_args = training.parse_arguments(
+    model_args, data_args, training_args, raw, do_train, do_eval = training.start_run(
         (training.ModelArguments, Seq2SeqDataArguments, Seq2SeqTrainingArguments),
         args,
         defaults={"predict_with_generate": True},  # generation is the point of evaluating a summarizer
     )
-    training.setup_logging(training_args)
-    set_seed(training_args.seed)
-    do_train, do_eval = training.resolve_do_train_eval(training_args)
     if training_args.generation_max_length is None:
         training_args.generation_max_length = data_args.max_target_length
-
-    raw = training.load_raw_datasets(
-        data_args.dataset_name,
-        data_args.dataset_config_name,
-        data_args.train_file,
-        data_args.validation_file,
-        validation_split_percentage=data_args.validation_split_percentage,
-        seed=training_args.seed,
-        cache_dir=model_args.cache_dir,
-    )
-    raw = training.limit_samples(raw, data_args.max_train_samples, data_args.max_eval_samples)
     training.check_columns(
         raw, {"--source_column": data_args.source_column, "--target_column": data_args.target_column}
     )

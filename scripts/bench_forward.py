@@ -4,9 +4,11 @@
                                                     # (+ greedy generate: 32 new tokens at batch 8 for T5)
     python scripts/bench_forward.py --quick         # tiny shapes, to check the script works
 
-Every model is built from a config with random weights (nothing is downloaded). Each number is the median of
-`--runs` timed forwards after `--warmup` untimed ones, with `torch.set_num_threads(--threads)`; ratios are
-computed between models measured in this same run, so they travel between machines better than tokens/s.
+Every model is built from a config with random weights (nothing is downloaded). Each speed is the median of
+`--runs` timed calls after `--warmup` untimed ones, with `torch.set_num_threads(--threads)`; ratios are
+computed between models measured in this same run, so they travel between machines better than tokens/s. Models
+of one family are timed round-robin (one call of each per round) and every ratio is the median of per-round
+ratios, printed with its range over the rounds, so the spread of the machine shows next to the result.
 """
 
 from __future__ import annotations
@@ -87,13 +89,16 @@ T5_BASE = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12,
 T5_TINY = dict(vocab_size=99, d_model=64, d_kv=16, d_ff=128, num_layers=4, num_heads=4)
 
 
+GENERATE_BATCH, GENERATE_TOKENS = 8, 32
+
+
 def _generate(model, input_ids, attention_mask):
-    # greedy, 32 new tokens, KV cache; forced length so every model does the same work
+    # greedy, KV cache; forced length so every model does the same work
     return model.generate(
-        input_ids=input_ids[:8],
-        attention_mask=attention_mask[:8],
-        max_new_tokens=32,
-        min_new_tokens=32,
+        input_ids=input_ids[:GENERATE_BATCH],
+        attention_mask=attention_mask[:GENERATE_BATCH],
+        max_new_tokens=GENERATE_TOKENS,
+        min_new_tokens=GENERATE_TOKENS,
         do_sample=False,
     )
 
@@ -129,39 +134,66 @@ def t5_cases(shape: dict) -> list[Case]:
     ]
 
 
-def measure(case: Case, dtype: torch.dtype, batch: int, seq: int, warmup: int, runs: int) -> float:
-    """Median tokens/s of `case` at `batch x seq` in `dtype`."""
-    torch.manual_seed(0)
-    model = case.build().to(dtype).eval()
-    vocab = model.config.vocab_size
-    input_ids = torch.randint(0, vocab, (batch, seq))
-    attention_mask = torch.ones(batch, seq, dtype=torch.long)
-    times = []
+def measure_round_robin(
+    cases: list[Case], dtype: torch.dtype, batch: int, seq: int, warmup: int, runs: int
+) -> dict[str, list[float]]:
+    """Seconds per call of every case, `runs` rounds after `warmup`, the cases interleaved within each round.
+
+    Interleaving matters on shared or virtual machines: speed drifts over seconds (steal time, page-fault
+    storms when the allocator returns memory to the OS), so timing model A for a minute and then model B
+    compares two different machines. Round by round, neighbouring calls see the same machine state, and
+    per-round ratios (see `paired_ratio`) cancel most of the drift.
+    """
+    models, inputs = {}, {}
+    for case in cases:
+        torch.manual_seed(0)
+        models[case.name] = case.build().to(dtype).eval()
+        vocab = models[case.name].config.vocab_size
+        inputs[case.name] = (torch.randint(0, vocab, (batch, seq)), torch.ones(batch, seq, dtype=torch.long))
+    times = {case.name: [] for case in cases}
     with torch.inference_mode():
-        for i in range(warmup + runs):
-            start = time.perf_counter()
-            case.run(model, input_ids, attention_mask)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    tokens = 8 * 32 if case.run is _generate else batch * seq
-    return tokens / statistics.median(times)
+        for round_index in range(warmup + runs):
+            for case in cases:
+                start = time.perf_counter()
+                case.run(models[case.name], *inputs[case.name])
+                if round_index >= warmup:
+                    times[case.name].append(time.perf_counter() - start)
+    return times
+
+
+def tokens_per_call(case: Case, batch: int, seq: int) -> int:
+    return GENERATE_BATCH * GENERATE_TOKENS if case.run is _generate else batch * seq
+
+
+def paired_ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> list[float]:
+    """Per-round speed ratios numerator / denominator (same work per call, so time_denominator / time_numerator)."""
+    return [d / n for n, d in zip(times[numerator], times[denominator], strict=True)]
 
 
 def report(
-    results: dict[tuple[str, str], float], ratios: list[tuple[str, str, float]], dtypes: list[str]
+    speed: dict[tuple[str, str], float],
+    ratios: dict[tuple[str, str, str], list[float]],
+    targets: list[tuple[str, str, float]],
+    dtypes: list[str],
 ) -> None:
-    names = list(dict.fromkeys(name for name, _ in results))
+    names = list(dict.fromkeys(name for name, _ in speed))
     print(f"\n{'model':<34}" + "".join(f"{d + ' tok/s':>16}" for d in dtypes))
     for name in names:
-        print(f"{name:<34}" + "".join(f"{results[(name, d)]:>16,.0f}" for d in dtypes))
-    print(f"\n{'ratio':<58}" + "".join(f"{d:>10}" for d in dtypes) + f"{'target':>10}")
-    for numerator, denominator, target in ratios:
-        values = [results[(numerator, d)] / results[(denominator, d)] for d in dtypes]
-        verdict = "ok" if all(v >= target for v in values) else "MISSED"
+        print(f"{name:<34}" + "".join(f"{speed[(name, d)]:>16,.0f}" for d in dtypes))
+    print(
+        f"\n{'ratio (median of per-round ratios [min-max])':<58}"
+        + "".join(f"{d:>20}" for d in dtypes)
+        + f"{'target':>10}"
+    )
+    for numerator, denominator, target in targets:
+        cells, medians = [], []
+        for d in dtypes:
+            values = ratios[(numerator, denominator, d)]
+            medians.append(statistics.median(values))
+            cells.append(f"{medians[-1]:.3f} [{min(values):.2f}-{max(values):.2f}]")
+        verdict = "ok" if all(m >= target for m in medians) else "MISSED"
         label = f"{numerator} / {denominator}"
-        print(
-            f"{label:<58}" + "".join(f"{v:>10.3f}" for v in values) + f"{'>= ' + str(target):>10} {verdict}"
-        )
+        print(f"{label:<58}" + "".join(f"{c:>20}" for c in cells) + f"{'>= ' + str(target):>10} {verdict}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -181,17 +213,17 @@ def main(argv: list[str] | None = None) -> None:
         args.batch, args.seq, args.runs, args.warmup = 2, 16, 2, 1
     torch.set_num_threads(args.threads)
 
-    cases, ratios = [], []
+    families, targets = [], []
     if "bert" in args.families:
-        cases += bert_cases(BERT_TINY if args.quick else BERT_BASE)
-        ratios += [
+        families.append(bert_cases(BERT_TINY if args.quick else BERT_BASE))
+        targets += [
             ("MoE-BERT top-1 (switch)", "dense BERT", 0.97),
             ("MoE-BERT top-1 (switch)", "transformers Switch encoder", 1.0),
             ("MoE-BERT top-2", "dense BERT", 0.55),
         ]
     if "t5" in args.families:
-        cases += t5_cases(T5_TINY if args.quick else T5_BASE)
-        ratios += [
+        families.append(t5_cases(T5_TINY if args.quick else T5_BASE))
+        targets += [
             ("MoE-T5 top-1 encoder", "dense T5 encoder", 0.97),
             ("MoE-T5 top-1 encoder", "transformers Switch encoder (T5)", 1.0),
             ("MoE-T5 top-1 generate", "dense T5 generate", 0.97),
@@ -199,19 +231,26 @@ def main(argv: list[str] | None = None) -> None:
         ]
     print(
         f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} x {args.seq} tokens, "
-        f"median of {args.runs} runs after {args.warmup} warm-up"
+        f"{args.runs} rounds after {args.warmup} warm-up, models interleaved within each round"
     )
-    results = {}
+    speed, ratios = {}, {}
     for dtype_name in args.dtypes:
-        for case in cases:
-            results[(case.name, dtype_name)] = measure(
-                case, getattr(torch, dtype_name), args.batch, args.seq, args.warmup, args.runs
+        for family_cases in families:
+            times = measure_round_robin(
+                family_cases, getattr(torch, dtype_name), args.batch, args.seq, args.warmup, args.runs
             )
-            print(
-                f"  {case.name:<34} {dtype_name:<9} {results[(case.name, dtype_name)]:>10,.0f} tokens/s",
-                flush=True,
-            )
-    report(results, ratios, args.dtypes)
+            for case in family_cases:
+                tokens = tokens_per_call(case, args.batch, args.seq)
+                speed[(case.name, dtype_name)] = tokens / statistics.median(times[case.name])
+                print(
+                    f"  {case.name:<34} {dtype_name:<9} {speed[(case.name, dtype_name)]:>10,.0f} tokens/s",
+                    flush=True,
+                )
+            names = {case.name for case in family_cases}
+            for numerator, denominator, _ in targets:
+                if numerator in names:
+                    ratios[(numerator, denominator, dtype_name)] = paired_ratio(times, numerator, denominator)
+    report(speed, ratios, targets, args.dtypes)
 
 
 if __name__ == "__main__":

@@ -82,8 +82,11 @@ def run_model(model, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     model.eval()
     parameters = _parameters(model)
     flags = {"return_dict": True}
-    if "output_router_logits" in parameters:
-        flags["output_router_logits"] = True  # compare the routing decisions too, not only the logits
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    is_moe = hasattr(getattr(model, "config", None), "output_router_logits")
+    if "output_router_logits" in parameters or (takes_kwargs and is_moe):
+        # compare the routing decisions (and the router losses that come with them), not only the logits
+        flags["output_router_logits"] = True
     if "use_cache" in parameters:
         flags["use_cache"] = False
     outputs = model(**inputs, **flags)

@@ -11,7 +11,8 @@ def test_quick_demo_runs_every_stage_offline(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--output-dir", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["metrics"]["upcycled vs dense max |Δlogit|"] < 1e-4  # copy-upcycling reproduces the dense model
+    # copy-upcycling reproduces the dense model
+    assert summary["metrics"]["upcycled vs dense max |Δlogit|"] < 1e-4
     for key in ("MoE accuracy (fp32)", "dense accuracy (fp32)", "MoE accuracy (4-bit)"):
         assert 0.0 <= summary["metrics"][key] <= 1.0
     assert summary["params"]["MoE"]["total"] > summary["params"]["MoE"]["active"]

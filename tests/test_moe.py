@@ -125,6 +125,31 @@ def test_switch_capacity_is_respected_and_counts_only_real_tokens(capacity_facto
         assert not out.dispatch_mask[b][~mask[b]].any()
 
 
+@pytest.mark.parametrize(
+    "capacity_factor, expert_capacity, seq_len",
+    [(0.5, None, 1), (1.0, None, 1), (float(E), None, 10), (3.0 * E, None, 10), (1.0, 10, 10), (1.0, 64, 10)],
+)
+def test_switch_skips_capacity_only_when_nothing_can_overflow(capacity_factor, expert_capacity, seq_len):
+    """The short cut (one decoding step, factor >= E, absolute capacity >= length) routes exactly as the full path."""
+    router = SwitchRouter(
+        H,
+        E,
+        capacity_factor=capacity_factor,
+        eval_capacity_factor=capacity_factor,
+        expert_capacity=expert_capacity,
+    ).eval()
+    torch.nn.init.zeros_(router.weight)  # every token → expert 0: the worst case for capacity
+    hidden, _, mask = _inputs()
+    hidden, mask = hidden[:, :seq_len], mask[:, :seq_len]
+    assert router.cannot_overflow(seq_len)
+    fast = router(hidden, mask)
+    router.cannot_overflow = lambda seq_len: False
+    full = router(hidden, mask)
+    assert torch.equal(fast.dispatch_mask, full.dispatch_mask)
+    assert torch.equal(fast.topk_index, full.topk_index)
+    assert not SwitchRouter(H, E, eval_capacity_factor=E - 0.5).eval().cannot_overflow(2)
+
+
 def test_switch_weight_is_router_probability():
     router = _router("switch", cf=2.0).eval()
     hidden, ids, mask = _inputs()

@@ -181,6 +181,27 @@ def test_loss_is_task_loss_plus_weighted_router_losses(model_class, tiny_bert_co
     assert router_grads and all(g is not None and g.abs().sum() > 0 for g in router_grads)
 
 
+@pytest.mark.parametrize("model_class", [c for c, _ in CLASSES])
+def test_router_losses_only_when_needed(model_class, tiny_bert_config):
+    """Computed in training, with labels or on request; plain inference skips them (they are None)."""
+    torch.manual_seed(0)
+    model = model_class(tiny_bert_config()).eval()
+    input_ids, attention_mask = _batch()
+    plain = model(input_ids, attention_mask=attention_mask)
+    assert plain.aux_loss is None and plain.z_loss is None and plain.importance_loss is None
+    asked = model(input_ids, attention_mask=attention_mask, output_router_losses=True)
+    assert asked.aux_loss.ndim == 0 and asked.z_loss > 0
+    torch.testing.assert_close(asked[0], plain[0])  # first output: hidden states or logits, unchanged
+    assert model(input_ids, attention_mask=attention_mask, output_router_logits=True).aux_loss is not None
+    assert model.train()(input_ids, attention_mask=attention_mask).aux_loss is not None
+    if model_class is not ptmoe.MoeBertModel:
+        labels = _labels_for(model_class, input_ids)
+        with_labels = model.eval()(input_ids, attention_mask=attention_mask, **labels)
+        torch.testing.assert_close(with_labels.aux_loss, asked.aux_loss)
+        with pytest.raises(ValueError, match="output_router_losses=False"):
+            model(input_ids, attention_mask=attention_mask, output_router_losses=False, **labels)
+
+
 @pytest.mark.parametrize("router_type", ["topk", "switch", "noisy_topk", "hash"])
 def test_training_step_updates_every_router_type(router_type, tiny_bert_config):
     k = 1 if router_type in ("switch", "hash") else 2

@@ -29,6 +29,7 @@ from ptmoe import (
     MoeT5ForConditionalGeneration,
     MoeT5Model,
 )
+from ptmoe.models import modeling_moe_t5
 
 TINY = dict(vocab_size=99, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
 MOE = dict(num_experts=4, num_experts_per_tok=2, encoder_moe_layers=[0, 1], decoder_moe_layers=[1])
@@ -177,6 +178,41 @@ def test_router_logits_only_on_request():
     assert model(input_ids=input_ids, labels=labels).encoder_expert_index is not None
 
 
+def test_router_losses_only_when_needed(monkeypatch):
+    """Losses in training, with labels or on request; skipped in plain inference and in every generate() step."""
+    torch.manual_seed(0)
+    model = MoeT5ForConditionalGeneration(tiny_config()).eval()
+    input_ids, attention_mask, labels = inputs()
+    decoder_input_ids = model._shift_right(labels)
+    plain = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids)
+    assert plain.aux_loss is None and plain.encoder_z_loss is None and plain.decoder_importance_loss is None
+    asked = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        decoder_input_ids=decoder_input_ids,
+        output_router_losses=True,
+    )
+    with_labels = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    for name in ("aux_loss", "z_loss", "importance_loss", "encoder_aux_loss", "decoder_z_loss"):
+        torch.testing.assert_close(getattr(asked, name), getattr(with_labels, name))
+    torch.testing.assert_close(asked.logits, plain.logits)
+    assert model.train()(input_ids=input_ids, decoder_input_ids=decoder_input_ids).aux_loss is not None
+    model.eval()
+    encoder_only = MoeT5EncoderModel(tiny_config()).eval()
+    assert encoder_only(input_ids=input_ids).aux_loss is None
+    assert encoder_only(input_ids=input_ids, output_router_logits=True).aux_loss is not None
+    with pytest.raises(ValueError, match="output_router_losses=False"):
+        model(input_ids=input_ids, labels=labels, output_router_losses=False)
+
+    calls = []
+    original = modeling_moe_t5.compute_router_losses
+    monkeypatch.setattr(
+        modeling_moe_t5, "compute_router_losses", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=4, do_sample=False)
+    assert calls == []
+
+
 def test_padding_tokens_skip_experts_and_losses():
     torch.manual_seed(0)
     model = MoeT5EncoderModel(tiny_config()).eval()
@@ -185,9 +221,10 @@ def test_padding_tokens_skip_experts_and_losses():
     for expert_index in out.expert_index:
         assert (expert_index[1, -2:] == -1).all() and (expert_index[attention_mask.bool()] >= 0).all()
     # The padded second row gives the same losses as the row alone without its padding.
-    alone = model(input_ids=input_ids[1:, :-2])
-    padded = model(input_ids=input_ids[1:], attention_mask=attention_mask[1:])
+    alone = model(input_ids=input_ids[1:, :-2], output_router_losses=True)
+    padded = model(input_ids=input_ids[1:], attention_mask=attention_mask[1:], output_router_losses=True)
     for name in ("aux_loss", "z_loss", "importance_loss"):
+        assert getattr(alone, name) is not None
         torch.testing.assert_close(getattr(padded, name), getattr(alone, name))
 
 

@@ -44,6 +44,7 @@ from .moe import (
     compute_router_losses,
     init_router,
     total_loss,
+    wants_router_losses,
 )
 
 
@@ -60,9 +61,10 @@ class MoeBertModelOutput(ModelOutput):
     expert_index (`tuple(torch.LongTensor)`, *optional*, returned with `output_router_logits=True`):
         one `(batch_size, sequence_length, num_experts_per_tok)` tensor per MoE layer; -1 where a token was not
         sent to an expert (padding, or dropped by the expert capacity).
-    aux_loss / z_loss / importance_loss (`torch.FloatTensor` scalars):
+    aux_loss / z_loss / importance_loss (`torch.FloatTensor` scalars, *optional*):
         load-balancing, router z and importance losses averaged over MoE layers (not yet multiplied by their
-        coefficients).
+        coefficients); computed in training, with labels, with `output_router_logits` or `output_router_losses`,
+        None otherwise.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -261,6 +263,7 @@ class MoeBertModel(MoeBertPreTrainedModel):
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         output_router_logits: bool | None = None,
+        output_router_losses: bool | None = None,
         **kwargs,
     ) -> MoeBertModelOutput:
         r"""
@@ -270,6 +273,8 @@ class MoeBertModel(MoeBertPreTrainedModel):
                 tokens, 0 for padding. Padding tokens skip the experts and are left out of the router losses.
             output_router_logits (`bool`, *optional*): return `router_logits` and `expert_index` per MoE layer
                 (defaults to `config.output_router_logits`).
+            output_router_losses (`bool`, *optional*): compute `aux_loss` / `z_loss` / `importance_loss`; by
+                default in training or with `output_router_logits` (the task models also whenever labels are given).
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -294,22 +299,30 @@ class MoeBertModel(MoeBertPreTrainedModel):
             embedding_output, extended_mask, token_mask, input_ids, position_ids=position_ids, **kwargs
         )
         pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
-        losses = compute_router_losses(routing, sequence_output)
+        losses = (
+            compute_router_losses(routing, sequence_output)
+            if wants_router_losses(self, output_router_losses, output_router_logits)
+            else None
+        )
         return MoeBertModelOutput(
             last_hidden_state=sequence_output,
             pooler_output=pooled_output,
             router_logits=tuple(r.router_logits for r in routing) if output_router_logits else None,
             expert_index=tuple(r.expert_index for r in routing) if output_router_logits else None,
-            aux_loss=losses.aux_loss,
-            z_loss=losses.z_loss,
-            importance_loss=losses.importance_loss,
+            aux_loss=losses.aux_loss if losses is not None else None,
+            z_loss=losses.z_loss if losses is not None else None,
+            importance_loss=losses.importance_loss if losses is not None else None,
         )
 
 
 class _MoeBertHeadModel(MoeBertPreTrainedModel):
     """Shared plumbing of the task models: run the encoder, add the weighted router losses to a task loss."""
 
-    def _encode(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs):
+    def _encode(
+        self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, labels_given, **kwargs
+    ):
+        if labels_given:  # the training loss needs the router losses
+            kwargs.setdefault("output_router_losses", True)
         return self.bert(
             input_ids,
             attention_mask=attention_mask,
@@ -353,7 +366,13 @@ class MoeBertForMaskedLM(_MoeBertHeadModel):
     ) -> MoeBertMaskedLMOutput:
         r"""labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): -100 = ignored."""
         outputs = self._encode(
-            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            labels is not None,
+            **kwargs,
         )
         logits = self.cls(outputs.last_hidden_state)
         task_loss = None
@@ -391,7 +410,13 @@ class MoeBertForSequenceClassification(_MoeBertHeadModel):
     ) -> MoeBertSequenceClassifierOutput:
         r"""labels (`torch.Tensor` of shape `(batch_size,)`, *optional*): class ids, or floats for regression."""
         outputs = self._encode(
-            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            labels is not None,
+            **kwargs,
         )
         logits = self.classifier(self.dropout(outputs.pooler_output))
         task_loss = None
@@ -444,7 +469,13 @@ class MoeBertForTokenClassification(_MoeBertHeadModel):
     ) -> MoeBertTokenClassifierOutput:
         r"""labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): -100 = ignored."""
         outputs = self._encode(
-            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            labels is not None,
+            **kwargs,
         )
         logits = self.classifier(self.dropout(outputs.last_hidden_state))
         task_loss = None
@@ -478,8 +509,9 @@ class MoeBertForQuestionAnswering(_MoeBertHeadModel):
         **kwargs,
     ) -> MoeBertQuestionAnsweringOutput:
         r"""start_positions / end_positions (`torch.LongTensor` of shape `(batch_size,)`, *optional*)."""
+        labels_given = start_positions is not None and end_positions is not None
         outputs = self._encode(
-            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, labels_given, **kwargs
         )
         start_logits, end_logits = self.qa_outputs(outputs.last_hidden_state).split(1, dim=-1)
         start_logits = start_logits.squeeze(-1).contiguous()

@@ -48,6 +48,7 @@ from .moe import (
     compute_router_losses,
     init_router,
     total_loss,
+    wants_router_losses,
 )
 
 
@@ -64,7 +65,8 @@ class MoeT5StackOutput(ModelOutput):
     router_logits / expert_index (`tuple(torch.Tensor)`, *optional*, returned with `output_router_logits=True`):
         one `(batch_size, sequence_length, num_experts)` fp32 tensor / `(batch_size, sequence_length, k)` tensor
         (-1 = not sent to an expert: padding, or dropped by the expert capacity) per MoE layer.
-    router_losses (`RouterLosses`): aux, z and importance losses averaged over this stack's MoE layers. Kept in one
+    router_losses (`RouterLosses`, *optional*): aux, z and importance losses averaged over this stack's MoE layers
+        (None when they were not computed: inference without labels or router logits). Kept in one
         object rather than as 0-d tensor fields because `generate()` repeats every tensor of the encoder output
         along the batch dimension for beam search, which a 0-d tensor does not have.
     """
@@ -85,8 +87,9 @@ class MoeT5EncoderModelOutput(ModelOutput):
     last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, d_model)`)
     router_logits / expert_index (`tuple(torch.Tensor)`, *optional*, returned with `output_router_logits=True`):
         per MoE layer, as in [`MoeT5StackOutput`].
-    aux_loss / z_loss / importance_loss (`torch.FloatTensor` scalars): load-balancing, router z and importance
-        losses averaged over the MoE layers (not yet multiplied by their coefficients).
+    aux_loss / z_loss / importance_loss (`torch.FloatTensor` scalars, *optional*): load-balancing, router z and
+        importance losses averaged over the MoE layers (not yet multiplied by their coefficients); None when not
+        computed (see `output_router_losses`).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -109,6 +112,7 @@ class MoeT5Seq2SeqModelOutput(Seq2SeqMoEModelOutput):
     encoder_aux_loss / encoder_z_loss / encoder_importance_loss (`torch.FloatTensor` scalars)
     decoder_aux_loss / decoder_z_loss / decoder_importance_loss (`torch.FloatTensor` scalars)
     aux_loss / z_loss / importance_loss (`torch.FloatTensor` scalars): encoder + decoder.
+    The losses are None when not computed (inference without `output_router_logits` / `output_router_losses`).
     """
 
     encoder_expert_index: tuple[torch.LongTensor, ...] | None = None
@@ -133,7 +137,8 @@ class MoeT5Seq2SeqLMOutput(Seq2SeqMoEOutput):
 
     encoder_expert_index / decoder_expert_index (`tuple(torch.LongTensor)`, *optional*, with `output_router_logits`)
     encoder_importance_loss / decoder_importance_loss (`torch.FloatTensor` scalars)
-    aux_loss / z_loss / importance_loss (`torch.FloatTensor` scalars): encoder + decoder, before coefficients.
+    aux_loss / z_loss / importance_loss (`torch.FloatTensor` scalars): encoder + decoder, before coefficients;
+    None when not computed (inference without labels, `output_router_logits` or `output_router_losses`).
     """
 
     encoder_expert_index: tuple[torch.LongTensor, ...] | None = None
@@ -171,27 +176,34 @@ def _as_stack_output(encoder_outputs) -> MoeT5StackOutput:
 
 
 def _router_fields(encoder_outputs: MoeT5StackOutput, decoder_outputs: MoeT5StackOutput) -> dict:
-    """Per-stack router outputs and losses, and the encoder + decoder totals."""
+    """Per-stack router outputs and losses, and the encoder + decoder totals (None when no loss was computed)."""
     decoder_losses = decoder_outputs.router_losses
     encoder_losses = encoder_outputs.router_losses
-    if encoder_losses is None:  # encoder outputs computed elsewhere, without router losses
-        zero = torch.zeros_like(decoder_losses.aux_loss)
-        encoder_losses = RouterLosses(zero, zero, zero)
-    return {
+    fields = {
         "encoder_router_logits": encoder_outputs.router_logits,
         "decoder_router_logits": decoder_outputs.router_logits,
         "encoder_expert_index": encoder_outputs.expert_index,
         "decoder_expert_index": decoder_outputs.expert_index,
+    }
+    if encoder_losses is None and decoder_losses is None:
+        return fields
+    # One stack without losses (encoder outputs computed elsewhere, in eval): its share counts as zero.
+    present = decoder_losses if decoder_losses is not None else encoder_losses
+    zero = torch.zeros_like(present.aux_loss)
+    encoder_losses = encoder_losses if encoder_losses is not None else RouterLosses(zero, zero, zero)
+    decoder_losses = decoder_losses if decoder_losses is not None else RouterLosses(zero, zero, zero)
+    device = encoder_losses.aux_loss.device
+    return {
+        **fields,
         "encoder_aux_loss": encoder_losses.aux_loss,
         "encoder_z_loss": encoder_losses.z_loss,
         "encoder_importance_loss": encoder_losses.importance_loss,
         "decoder_aux_loss": decoder_losses.aux_loss,
         "decoder_z_loss": decoder_losses.z_loss,
         "decoder_importance_loss": decoder_losses.importance_loss,
-        "aux_loss": encoder_losses.aux_loss + decoder_losses.aux_loss.to(encoder_losses.aux_loss.device),
-        "z_loss": encoder_losses.z_loss + decoder_losses.z_loss.to(encoder_losses.z_loss.device),
-        "importance_loss": encoder_losses.importance_loss
-        + decoder_losses.importance_loss.to(encoder_losses.importance_loss.device),
+        "aux_loss": encoder_losses.aux_loss + decoder_losses.aux_loss.to(device),
+        "z_loss": encoder_losses.z_loss + decoder_losses.z_loss.to(device),
+        "importance_loss": encoder_losses.importance_loss + decoder_losses.importance_loss.to(device),
     }
 
 
@@ -385,6 +397,7 @@ class MoeT5Stack(MoeT5PreTrainedModel):
         past_key_values: Cache | None = None,
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
+        output_router_losses: bool | None = None,
         **kwargs,
     ) -> MoeT5StackOutput:
         r"""
@@ -395,6 +408,8 @@ class MoeT5Stack(MoeT5PreTrainedModel):
                 left out of the router losses.
             output_router_logits (`bool`, *optional*): return `router_logits` and `expert_index` per MoE layer
                 (defaults to `config.output_router_logits`).
+            output_router_losses (`bool`, *optional*): compute `router_losses`; by default in training or with
+                `output_router_logits` (`MoeT5ForConditionalGeneration` also asks whenever labels are given).
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -474,7 +489,9 @@ class MoeT5Stack(MoeT5PreTrainedModel):
             past_key_values=past_key_values,
             router_logits=tuple(r.router_logits for r in routing) if output_router_logits else None,
             expert_index=tuple(r.expert_index for r in routing) if output_router_logits else None,
-            router_losses=compute_router_losses(routing, hidden_states),
+            router_losses=compute_router_losses(routing, hidden_states)
+            if wants_router_losses(self, output_router_losses, output_router_logits)
+            else None,
         )
 
 
@@ -534,6 +551,7 @@ class MoeT5Model(MoeT5PreTrainedModel):
         decoder_inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
+        output_router_losses: bool | None = None,
         **kwargs,
     ) -> MoeT5Seq2SeqModelOutput:
         r"""
@@ -547,15 +565,19 @@ class MoeT5Model(MoeT5PreTrainedModel):
                 decoder padding mask (also the decoder's token mask for routing); all ones when omitted.
             encoder_outputs (*optional*): precomputed encoder outputs (their router losses count when present).
             output_router_logits (`bool`, *optional*): return router logits and expert choices per MoE layer.
+            output_router_losses (`bool`, *optional*): compute the router losses; by default in training or with
+                `output_router_logits` (None otherwise, e.g. at every `generate()` step).
         """
         if output_router_logits is None:  # the stacks hold copies of the config: read the model's own
             output_router_logits = self.config.output_router_logits
+        output_router_losses = wants_router_losses(self, output_router_losses, output_router_logits)
         if encoder_outputs is None:
             encoder_outputs = self.encoder(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 inputs_embeds=inputs_embeds,
                 output_router_logits=output_router_logits,
+                output_router_losses=output_router_losses,
                 **kwargs,
             )
         else:
@@ -570,6 +592,7 @@ class MoeT5Model(MoeT5PreTrainedModel):
             encoder_attention_mask=attention_mask,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
+            output_router_losses=output_router_losses,
             **kwargs,
         )
         return MoeT5Seq2SeqModelOutput(
@@ -631,12 +654,14 @@ class MoeT5ForConditionalGeneration(MoeT5PreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
+        output_router_losses: bool | None = None,
         **kwargs,
     ) -> MoeT5Seq2SeqLMOutput:
         r"""
         Args:
             input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs,
-            output_router_logits: as in [`MoeT5Model.forward`].
+            output_router_logits, output_router_losses: as in [`MoeT5Model.forward`]; the router losses are also
+                computed whenever `labels` are given.
             labels (`torch.LongTensor` of shape `(batch_size, target_sequence_length)`, *optional*): target ids,
                 -100 = ignored. Without `decoder_input_ids` they are shifted right to make the decoder input. Then
                 `loss = CE + router_aux_loss_coef · aux_loss + router_z_loss_coef · z_loss
@@ -644,12 +669,16 @@ class MoeT5ForConditionalGeneration(MoeT5PreTrainedModel, GenerationMixin):
         """
         if output_router_logits is None:  # the stacks hold copies of the config: read the model's own
             output_router_logits = self.config.output_router_logits
+        output_router_losses = wants_router_losses(
+            self, output_router_losses, output_router_logits, labels_given=labels is not None
+        )
         if encoder_outputs is None:
             encoder_outputs = self.encoder(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 inputs_embeds=inputs_embeds,
                 output_router_logits=output_router_logits,
+                output_router_losses=output_router_losses,
                 **kwargs,
             )
         else:
@@ -667,6 +696,7 @@ class MoeT5ForConditionalGeneration(MoeT5PreTrainedModel, GenerationMixin):
             encoder_attention_mask=attention_mask,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
+            output_router_losses=output_router_losses,
             **kwargs,
         )
 
@@ -684,7 +714,7 @@ class MoeT5ForConditionalGeneration(MoeT5PreTrainedModel, GenerationMixin):
                 lm_logits.view(-1, lm_logits.size(-1)), labels.reshape(-1)
             )
         totals = RouterLosses(
-            router_fields["aux_loss"], router_fields["z_loss"], router_fields["importance_loss"]
+            router_fields.get("aux_loss"), router_fields.get("z_loss"), router_fields.get("importance_loss")
         )
 
         return MoeT5Seq2SeqLMOutput(
@@ -733,6 +763,7 @@ class MoeT5EncoderModel(MoeT5PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         output_router_logits: bool | None = None,
+        output_router_losses: bool | None = None,
         **kwargs,
     ) -> MoeT5EncoderModelOutput:
         r"""
@@ -740,25 +771,30 @@ class MoeT5EncoderModel(MoeT5PreTrainedModel):
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`)
             attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): padding mask.
             output_router_logits (`bool`, *optional*): return router logits and expert choices per MoE layer.
+            output_router_losses (`bool`, *optional*): compute the router losses; by default in training or with
+                `output_router_logits` (None otherwise, e.g. at every `generate()` step).
         """
         if output_router_logits is None:  # the stack holds a copy of the config: read the model's own
             output_router_logits = self.config.output_router_logits
+        output_router_losses = wants_router_losses(self, output_router_losses, output_router_logits)
         outputs = self.encoder(
             input_ids=input_ids,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
             output_router_logits=output_router_logits,
+            output_router_losses=output_router_losses,
             **kwargs,
         )
+        losses = outputs.router_losses
         return MoeT5EncoderModelOutput(
             last_hidden_state=outputs.last_hidden_state,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
             expert_index=outputs.expert_index,
-            aux_loss=outputs.router_losses.aux_loss,
-            z_loss=outputs.router_losses.z_loss,
-            importance_loss=outputs.router_losses.importance_loss,
+            aux_loss=losses.aux_loss if losses is not None else None,
+            z_loss=losses.z_loss if losses is not None else None,
+            importance_loss=losses.importance_loss if losses is not None else None,
         )
 
 

@@ -267,12 +267,21 @@ class SwitchRouter(TopKRouter):
         real_tokens = token_mask.sum(dim=-1, keepdim=True).float()
         return torch.ceil(real_tokens * factor / self.num_experts).long()
 
+    def cannot_overflow(self, seq_len: int) -> bool:
+        """True when no expert can receive more tokens of a sequence than its capacity (e.g. one decoding step)."""
+        if self.expert_capacity is not None:
+            return self.expert_capacity >= seq_len
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        # capacity = ceil(factor · real / E) >= real for every real <= seq_len when seq_len == 1 or factor >= E.
+        return seq_len == 1 or factor >= self.num_experts
+
     def select(self, router_probs: torch.Tensor, token_mask: torch.Tensor):
         topk_weights, topk_index = router_probs.max(dim=-1, keepdim=True)  # (B, S, 1)
+        if self.cannot_overflow(router_probs.shape[1]):
+            return topk_weights, topk_index, token_mask.unsqueeze(-1)
         routed = F.one_hot(topk_index.squeeze(-1), self.num_experts) * token_mask.unsqueeze(-1)  # (B, S, E)
-        priority = (routed.cumsum(dim=1) * routed).sum(
-            dim=-1
-        )  # (B, S): 1-based position in its expert's queue
+        # (B, S): each token's 1-based position in its expert's queue
+        priority = (routed.cumsum(dim=1) * routed).sum(dim=-1)
         within_capacity = priority <= self.capacity(token_mask)
         dispatch_mask = (token_mask & within_capacity).unsqueeze(-1)  # (B, S, 1)
         return topk_weights, topk_index, dispatch_mask
@@ -461,21 +470,26 @@ class SparseMoeBlock(nn.Module):
         flat_states = hidden_states.reshape(-1, hidden_size)  # (N, H)
         output = torch.zeros_like(flat_states)
         k = routing.topk_index.shape[-1]
-        slot_expert = routing.topk_index.reshape(-1)  # (N*k,)
-        slot_weight = routing.topk_weights.reshape(-1).to(hidden_states.dtype)
-        slots = routing.dispatch_mask.reshape(-1).nonzero().squeeze(-1)  # dispatched (token, slot) pairs
-        # Group the dispatched slots by expert: one gather → matmul → scatter-add per expert that has tokens.
-        order = torch.argsort(slot_expert[slots], stable=True)
-        slots = slots[order]
-        counts = torch.bincount(slot_expert[slots], minlength=self.num_experts).tolist()
-        for expert, expert_slots in zip(self.experts, slots.split(counts), strict=True):
-            if expert_slots.numel() == 0:
+        # Group the (token, slot) pairs by expert with one sort. Pairs that are not dispatched (padding, capacity
+        # overflow) get the id `num_experts`, so they sort last and are never computed.
+        slot_expert = routing.topk_index.reshape(-1).masked_fill(
+            ~routing.dispatch_mask.reshape(-1), self.num_experts
+        )  # (N*k,)
+        order = torch.argsort(slot_expert, stable=True)
+        counts = torch.bincount(slot_expert, minlength=self.num_experts + 1).tolist()  # the one host sync
+        tokens = order // k if k > 1 else order
+        weights = routing.topk_weights.reshape(-1)[order].to(hidden_states.dtype).unsqueeze(-1)
+        start = 0
+        for expert, count in zip(self.experts, counts, strict=False):  # `counts` has one more (dropped) entry
+            if count == 0:
                 continue
-            tokens = expert_slots // k
-            expert_out = expert(flat_states.index_select(0, tokens))  # (n_e, H)
-            weighted = expert_out * slot_weight[expert_slots].unsqueeze(-1)
+            expert_tokens = tokens[start : start + count]
+            expert_out = expert(flat_states.index_select(0, expert_tokens))  # (count, H)
             # `.to`: an fp32 `wo` (T5's `_keep_in_fp32_modules` under fp16 loads) returns fp32 expert outputs.
-            output.index_add_(0, tokens, weighted.to(output.dtype))
+            output.index_add_(
+                0, expert_tokens, (expert_out * weights[start : start + count]).to(output.dtype)
+            )
+            start += count
 
         output = output.view(batch_size, seq_len, hidden_size)
         if self.shared_experts is not None:
@@ -556,6 +570,23 @@ class RouterLosses:
     importance_loss: torch.Tensor
 
 
+def wants_router_losses(
+    module: nn.Module,
+    output_router_losses: bool | None,
+    output_router_logits: bool,
+    labels_given: bool = False,
+) -> bool:
+    """Whether a forward computes the router losses.
+
+    An explicit `output_router_losses` wins; otherwise they are computed in training, when labels are given, or
+    with `output_router_logits` (as transformers' MoE models do). Plain inference and every step of `generate()`
+    skip them: a few dozen small ops per MoE layer whose results nobody reads.
+    """
+    if output_router_losses is not None:
+        return output_router_losses
+    return module.training or labels_given or bool(output_router_logits)
+
+
 def total_loss(task_loss: torch.Tensor | None, outputs, config) -> torch.Tensor | None:
     """``task_loss + coef_aux · aux_loss + coef_z · z_loss + coef_importance · importance_loss`` (None without labels).
 
@@ -563,6 +594,11 @@ def total_loss(task_loss: torch.Tensor | None, outputs, config) -> torch.Tensor 
     """
     if task_loss is None:
         return None
+    if outputs.aux_loss is None:
+        raise ValueError(
+            "Labels were given but the router losses were not computed (`output_router_losses=False`): the "
+            "training loss needs them. Leave `output_router_losses` unset (or True) when passing labels."
+        )
     return (
         task_loss
         + config.router_aux_loss_coef * outputs.aux_loss

@@ -468,7 +468,6 @@ class SparseMoeBlock(nn.Module):
         routing = self.router(hidden_states, token_mask, input_ids)
 
         flat_states = hidden_states.reshape(-1, hidden_size)  # (N, H)
-        output = torch.zeros_like(flat_states)
         k = routing.topk_index.shape[-1]
         # Group the (token, slot) pairs by expert with one sort. Pairs that are not dispatched (padding, capacity
         # overflow) get the id `num_experts`, so they sort last and are never computed.
@@ -477,19 +476,22 @@ class SparseMoeBlock(nn.Module):
         )  # (N*k,)
         order = torch.argsort(slot_expert, stable=True)
         counts = torch.bincount(slot_expert, minlength=self.num_experts + 1).tolist()  # the one host sync
+        dispatched = len(order) - counts[-1]
+        order = order[:dispatched]
         tokens = order // k if k > 1 else order
-        weights = routing.topk_weights.reshape(-1)[order].to(hidden_states.dtype).unsqueeze(-1)
-        start = 0
-        for expert, count in zip(self.experts, counts, strict=False):  # `counts` has one more (dropped) entry
-            if count == 0:
-                continue
-            expert_tokens = tokens[start : start + count]
-            expert_out = expert(flat_states.index_select(0, expert_tokens))  # (count, H)
+        # One gather, a contiguous slice per expert, one weighted scatter-add: per expert only its own call.
+        expert_inputs = flat_states.index_select(0, tokens).split(counts[:-1])
+        expert_outputs = [
+            expert(expert_input)
+            for expert, expert_input in zip(self.experts, expert_inputs, strict=True)
+            if expert_input.shape[0] > 0
+        ]
+        output = torch.zeros_like(flat_states)
+        if expert_outputs:
+            weights = routing.topk_weights.reshape(-1)[order].unsqueeze(-1)
+            combined = torch.cat(expert_outputs) if len(expert_outputs) > 1 else expert_outputs[0]
             # `.to`: an fp32 `wo` (T5's `_keep_in_fp32_modules` under fp16 loads) returns fp32 expert outputs.
-            output.index_add_(
-                0, expert_tokens, (expert_out * weights[start : start + count]).to(output.dtype)
-            )
-            start += count
+            output.index_add_(0, tokens, (combined * weights.to(combined.dtype)).to(output.dtype))
 
         output = output.view(batch_size, seq_len, hidden_size)
         if self.shared_experts is not None:

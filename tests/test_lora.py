@@ -51,13 +51,7 @@ ALL_CLASSES = list(CONFIG_OF)
 EXPERT_LINEAR = re.compile(r".*\.experts\.\d+\.(?:wi|wi_0|wi_1|wo)")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on shared cores a second OpenMP thread can make each op ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(model_class, seed: int = 0, **overrides) -> nn.Module:

@@ -446,6 +446,18 @@ def routing_statistics(
     return accumulator.summary()
 
 
+def _save_figure(fig, path: str | Path) -> Path:
+    """Write `fig` as a PNG at `path` (parent folders created) and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_expert_load(
     stats: Mapping[str, Mapping[str, Any]], path: str | Path, title: str | None = None
 ) -> Path:
@@ -491,12 +503,7 @@ def plot_expert_load(
     ax.set_title(
         f"{title or 'Expert load per MoE layer'}\n(balanced = 1/{num_experts} = {1.0 / num_experts:.3f})"
     )
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_load_std_curve(history: list[Mapping[str, Any]], path: str | Path) -> Path:
@@ -524,12 +531,7 @@ def plot_load_std_curve(history: list[Mapping[str, Any]], path: str | Path) -> P
     ax.set_ylabel("std of expert load")
     ax.set_title("Load imbalance per MoE layer (0 = balanced)")
     ax.legend(fontsize=7, ncols=2)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 __all__ = [

@@ -39,6 +39,7 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_moe_bert import MoeBertConfig
 from .moe import (
     MoePreTrainedMixin,
+    RouterLosses,
     RouterOutput,
     SparseMoeBlock,
     compute_router_losses,
@@ -309,9 +310,7 @@ class MoeBertModel(MoeBertPreTrainedModel):
             pooler_output=pooled_output,
             router_logits=tuple(r.router_logits for r in routing) if output_router_logits else None,
             expert_index=tuple(r.expert_index for r in routing) if output_router_logits else None,
-            aux_loss=losses.aux_loss if losses is not None else None,
-            z_loss=losses.z_loss if losses is not None else None,
-            importance_loss=losses.importance_loss if losses is not None else None,
+            **RouterLosses.output_fields(losses),
         )
 
 

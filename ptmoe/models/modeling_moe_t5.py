@@ -785,16 +785,13 @@ class MoeT5EncoderModel(MoeT5PreTrainedModel):
             output_router_losses=output_router_losses,
             **kwargs,
         )
-        losses = outputs.router_losses
         return MoeT5EncoderModelOutput(
             last_hidden_state=outputs.last_hidden_state,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
             expert_index=outputs.expert_index,
-            aux_loss=losses.aux_loss if losses is not None else None,
-            z_loss=losses.z_loss if losses is not None else None,
-            importance_loss=losses.importance_loss if losses is not None else None,
+            **RouterLosses.output_fields(outputs.router_losses),
         )
 
 

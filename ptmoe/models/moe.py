@@ -571,6 +571,17 @@ class RouterLosses:
     z_loss: torch.Tensor
     importance_loss: torch.Tensor
 
+    @staticmethod
+    def output_fields(losses: RouterLosses | None) -> dict[str, torch.Tensor | None]:
+        """`aux_loss` / `z_loss` / `importance_loss` for a model output: all None when the losses were not computed."""
+        if losses is None:
+            return {"aux_loss": None, "z_loss": None, "importance_loss": None}
+        return {
+            "aux_loss": losses.aux_loss,
+            "z_loss": losses.z_loss,
+            "importance_loss": losses.importance_loss,
+        }
+
 
 def wants_router_losses(
     module: nn.Module,

@@ -174,36 +174,26 @@ _BERT_TASKS = {
     "token-classification": "ForTokenClassification",
     "question-answering": "ForQuestionAnswering",
 }
+
+
+def _bert_like_family(model_type: str, class_prefix: str, positions_from_padding_idx: bool = False) -> Family:
+    """BERT and its RoBERTa variants all become MoE-BERT; only the dense class names and positions differ."""
+    return Family(
+        model_types=(model_type,),
+        config_module="ptmoe.models.configuration_moe_bert",
+        config_class="MoeBertConfig",
+        modeling_module="ptmoe.models.modeling_moe_bert",
+        intermediate_attr="intermediate_size",
+        tasks={task: f"{class_prefix}{suffix}" for task, suffix in _BERT_TASKS.items()},
+        default_task="masked-lm",
+        positions_from_padding_idx=positions_from_padding_idx,
+    )
+
+
 FAMILIES: dict[str, Family] = {
-    "bert": Family(
-        model_types=("bert",),
-        config_module="ptmoe.models.configuration_moe_bert",
-        config_class="MoeBertConfig",
-        modeling_module="ptmoe.models.modeling_moe_bert",
-        intermediate_attr="intermediate_size",
-        tasks={task: f"Bert{suffix}" for task, suffix in _BERT_TASKS.items()},
-        default_task="masked-lm",
-    ),
-    "roberta": Family(
-        model_types=("roberta",),
-        config_module="ptmoe.models.configuration_moe_bert",
-        config_class="MoeBertConfig",
-        modeling_module="ptmoe.models.modeling_moe_bert",
-        intermediate_attr="intermediate_size",
-        tasks={task: f"Roberta{suffix}" for task, suffix in _BERT_TASKS.items()},
-        default_task="masked-lm",
-        positions_from_padding_idx=True,
-    ),
-    "xlm-roberta": Family(
-        model_types=("xlm-roberta",),
-        config_module="ptmoe.models.configuration_moe_bert",
-        config_class="MoeBertConfig",
-        modeling_module="ptmoe.models.modeling_moe_bert",
-        intermediate_attr="intermediate_size",
-        tasks={task: f"XLMRoberta{suffix}" for task, suffix in _BERT_TASKS.items()},
-        default_task="masked-lm",
-        positions_from_padding_idx=True,
-    ),
+    "bert": _bert_like_family("bert", "Bert"),
+    "roberta": _bert_like_family("roberta", "Roberta", positions_from_padding_idx=True),
+    "xlm-roberta": _bert_like_family("xlm-roberta", "XLMRoberta", positions_from_padding_idx=True),
     "t5": Family(
         model_types=("t5",),
         config_module="ptmoe.models.configuration_moe_t5",

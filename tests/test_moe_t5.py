@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -247,6 +248,22 @@ def test_generation_with_cache_equals_without():
     assert torch.equal(
         model.generate(input_ids, **kwargs), model.generate(input_ids, use_cache=False, **kwargs)
     )
+
+
+@torch.no_grad()  # the cache is deep-copied: its tensors must not be part of a graph
+def test_cache_is_returned_and_the_old_past_key_values_name_still_works():
+    """transformers 5.24 renamed `past_key_values` to `cache`; the old keyword keeps working (as in T5)."""
+    torch.manual_seed(0)
+    model = MoeT5ForConditionalGeneration(tiny_config()).eval()
+    input_ids, attention_mask, labels = inputs()
+    first = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=labels[:, :3])
+    assert first.cache is not None and first.cache.get_seq_length() == 3
+    step = dict(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=labels[:, 3:4])
+    with_new_name = model(**step, cache=copy.deepcopy(first.cache)).logits
+    with_old_name = model(**step, past_key_values=copy.deepcopy(first.cache)).logits
+    full = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=labels[:, :4]).logits
+    torch.testing.assert_close(with_new_name, with_old_name, atol=0, rtol=0)
+    torch.testing.assert_close(with_new_name, full[:, -1:], atol=1e-5, rtol=0)
 
 
 def test_switch_preset_end_to_end():

@@ -442,7 +442,12 @@ def test_save_reload_round_trip_t5(tmp_path):
         ptmoe.save_upcycled(moe, tmp_path / "t5", tokenizer=False)
     )
     assert isinstance(reloaded, ptmoe.MoeT5ForConditionalGeneration)
-    assert max_difference(moe, reloaded.eval(), decoder=True) == 0.0
+    saved, loaded = moe.state_dict(), reloaded.state_dict()
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[key], loaded[key]) for key in saved)  # bit-identical weights
+    # Outputs within float rounding, not bit-equal: with transformers 5.24 the reloaded tensors sit at other memory
+    # alignments than the originals, and the CPU matmul kernels then round differently (~5e-7, decoder only).
+    assert max_difference(moe, reloaded.eval(), decoder=True) <= 1e-6
 
 
 def test_upcycle_from_path_loads_masked_lm_and_saves_tokenizer(tmp_path):

@@ -35,6 +35,7 @@ from transformers.models.t5.modeling_t5 import (
     T5PreTrainedModel,
 )
 from transformers.utils import ModelOutput
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -61,7 +62,7 @@ class MoeT5StackOutput(ModelOutput):
     Output of one MoE-T5 stack (encoder or decoder).
 
     last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, d_model)`)
-    past_key_values (`Cache`, *optional*): the decoder's KV cache.
+    cache (`Cache`, *optional*): the decoder's KV cache.
     router_logits / expert_index (`tuple(torch.Tensor)`, *optional*, returned with `output_router_logits=True`):
         one `(batch_size, sequence_length, num_experts)` fp32 tensor / `(batch_size, sequence_length, k)` tensor
         (-1 = not sent to an expert: padding, or dropped by the expert capacity) per MoE layer.
@@ -72,7 +73,7 @@ class MoeT5StackOutput(ModelOutput):
     """
 
     last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     cross_attentions: tuple[torch.FloatTensor, ...] | None = None
@@ -287,14 +288,14 @@ class MoeT5Block(GradientCheckpointingLayer):
         encoder_decoder_position_bias: torch.Tensor | None = None,
         token_mask: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ):
         hidden_states, self_attn_position_bias, _ = self.layer[0](
             hidden_states,
             attention_mask=attention_mask,
             position_bias=position_bias,
-            past_key_values=past_key_values,
+            cache=cache,
             **kwargs,
         )
         hidden_states = _clamp_fp16(hidden_states)
@@ -306,7 +307,7 @@ class MoeT5Block(GradientCheckpointingLayer):
                 key_value_states=encoder_hidden_states,
                 attention_mask=encoder_attention_mask,
                 position_bias=encoder_decoder_position_bias,
-                past_key_values=past_key_values,
+                cache=cache,
                 **kwargs,
             )
             hidden_states = _clamp_fp16(hidden_states)
@@ -385,6 +386,7 @@ class MoeT5Stack(MoeT5PreTrainedModel):
     def set_input_embeddings(self, new_embeddings):
         self.embed_tokens = new_embeddings
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # transformers 5.24 renamed the cache
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -394,7 +396,7 @@ class MoeT5Stack(MoeT5PreTrainedModel):
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         output_router_losses: bool | None = None,
@@ -421,13 +423,13 @@ class MoeT5Stack(MoeT5PreTrainedModel):
             raise ValueError(f"`use_cache` can only be set to `True` if {self} is used as a decoder")
 
         if self.is_decoder:
-            if use_cache and past_key_values is None:
-                past_key_values = EncoderDecoderCache(
+            if use_cache and cache is None:
+                cache = EncoderDecoderCache(
                     DynamicCache(config=self.config), DynamicCache(config=self.config)
                 )
         else:
             # The encoder never caches; a cache passed down would be updated in place with encoder states.
-            past_key_values = None
+            cache = None
 
         # Which tokens are real, for routing and router losses (a 2-D padding mask covers past + current tokens).
         seq_length = inputs_embeds.shape[1]
@@ -442,9 +444,9 @@ class MoeT5Stack(MoeT5PreTrainedModel):
                 config=self.config,
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
-                past_key_values=past_key_values.self_attention_cache
-                if isinstance(past_key_values, EncoderDecoderCache)
-                else past_key_values,
+                cache=cache.self_attention_cache
+                if isinstance(cache, EncoderDecoderCache)
+                else cache,
             )
         else:
             attention_mask = create_bidirectional_mask(
@@ -473,7 +475,7 @@ class MoeT5Stack(MoeT5PreTrainedModel):
                 encoder_decoder_position_bias,  # positional arguments, for gradient checkpointing
                 token_mask,
                 input_ids,
-                past_key_values=past_key_values,
+                cache=cache,
                 **kwargs,
             )
             # The first block computes the relative position biases; the others reuse them (as in T5).
@@ -486,7 +488,7 @@ class MoeT5Stack(MoeT5PreTrainedModel):
         hidden_states = self.dropout(self.final_layer_norm(hidden_states))
         return MoeT5StackOutput(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
+            cache=cache,
             router_logits=tuple(r.router_logits for r in routing) if output_router_logits else None,
             expert_index=tuple(r.expert_index for r in routing) if output_router_logits else None,
             router_losses=compute_router_losses(routing, hidden_states)
@@ -538,6 +540,7 @@ class MoeT5Model(MoeT5PreTrainedModel):
         self.encoder.set_input_embeddings(new_embeddings)
         self.decoder.set_input_embeddings(new_embeddings)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
@@ -546,7 +549,7 @@ class MoeT5Model(MoeT5PreTrainedModel):
         decoder_input_ids: torch.LongTensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
         encoder_outputs: MoeT5StackOutput | tuple | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         decoder_inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
@@ -587,7 +590,7 @@ class MoeT5Model(MoeT5PreTrainedModel):
             input_ids=decoder_input_ids,
             attention_mask=decoder_attention_mask,
             inputs_embeds=decoder_inputs_embeds,
-            past_key_values=past_key_values,
+            cache=cache,
             encoder_hidden_states=encoder_outputs.last_hidden_state,
             encoder_attention_mask=attention_mask,
             use_cache=use_cache,
@@ -597,7 +600,7 @@ class MoeT5Model(MoeT5PreTrainedModel):
         )
         return MoeT5Seq2SeqModelOutput(
             last_hidden_state=decoder_outputs.last_hidden_state,
-            past_key_values=decoder_outputs.past_key_values,
+            cache=decoder_outputs.cache,
             decoder_hidden_states=decoder_outputs.hidden_states,
             decoder_attentions=decoder_outputs.attentions,
             cross_attentions=decoder_outputs.cross_attentions,
@@ -640,6 +643,7 @@ class MoeT5ForConditionalGeneration(MoeT5PreTrainedModel, GenerationMixin):
         self.encoder.set_input_embeddings(new_embeddings)
         self.decoder.set_input_embeddings(new_embeddings)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
@@ -648,7 +652,7 @@ class MoeT5ForConditionalGeneration(MoeT5PreTrainedModel, GenerationMixin):
         decoder_input_ids: torch.LongTensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
         encoder_outputs: MoeT5StackOutput | tuple | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         decoder_inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
@@ -691,7 +695,7 @@ class MoeT5ForConditionalGeneration(MoeT5PreTrainedModel, GenerationMixin):
             input_ids=decoder_input_ids,
             attention_mask=decoder_attention_mask,
             inputs_embeds=decoder_inputs_embeds,
-            past_key_values=past_key_values,
+            cache=cache,
             encoder_hidden_states=encoder_outputs.last_hidden_state,
             encoder_attention_mask=attention_mask,
             use_cache=use_cache,
@@ -720,7 +724,7 @@ class MoeT5ForConditionalGeneration(MoeT5PreTrainedModel, GenerationMixin):
         return MoeT5Seq2SeqLMOutput(
             loss=total_loss(task_loss, totals, self.config),
             logits=lm_logits,
-            past_key_values=decoder_outputs.past_key_values,
+            cache=decoder_outputs.cache,
             decoder_hidden_states=decoder_outputs.hidden_states,
             decoder_attentions=decoder_outputs.attentions,
             cross_attentions=decoder_outputs.cross_attentions,

@@ -78,10 +78,13 @@ def test_converted_logits_match_switch(tie_word_embeddings):
     torch.testing.assert_close(
         out.encoder_router_logits[0], switch_out.encoder_router_logits[0], atol=1e-5, rtol=0
     )
-    # With transformers' Switch's own (eager) attention the two compute exactly the same operations.
+    # With transformers' Switch's own (eager) attention the two compute the same operations, up to the rounding of
+    # the matrix products: experts that receive 2-3 tokens run padded to 4 rows in fp32 on CPU (`_expert_forward`).
     model.set_attn_implementation("eager")
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=input_ids, labels=labels).logits, expected, atol=0, rtol=0)
+        torch.testing.assert_close(
+            model(input_ids=input_ids, labels=labels).logits, expected, atol=1e-5, rtol=0
+        )
 
 
 @pytest.mark.parametrize(

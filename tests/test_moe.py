@@ -257,6 +257,28 @@ def test_sparse_block_matches_token_by_token_reference(kind, shared, gated):
     torch.testing.assert_close(out, _reference_block_output(block, hidden, routing), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_small_expert_batches_are_padded_only_in_cpu_fp32_inference(training):
+    """A decoding step sends 1, 2 or 3 tokens to an expert; in fp32 CPU eval 2-3 rows run padded to 4 (a faster
+    matrix product), with the same result as the token-by-token reference."""
+    config = ptmoe.MoeBertConfig(hidden_size=H, num_experts=E, num_experts_per_tok=1, router_type="topk")
+    block = ptmoe.SparseMoeBlock(config, H, 24, "gelu").train(training)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    hidden = torch.randn(8, 1, H)  # 8 sequences, one new token each
+    wanted = torch.tensor([0, 1, 1, 2, 2, 2, 3, 3])  # experts get 1, 2, 3 and 2 tokens
+    with torch.no_grad():
+        block.router.weight.copy_(torch.eye(E, H) * 100.0)
+        hidden[:, 0, :E] = F.one_hot(wanted, E).float() * 10.0
+    rows_seen = []
+    for expert in block.experts:
+        expert.register_forward_hook(lambda module, args, output: rows_seen.append(args[0].shape[0]))
+    out, routing = block(hidden)
+    assert torch.equal(routing.topk_index.flatten(), wanted)
+    assert rows_seen == ([1, 4, 4, 4] if not training else [1, 2, 3, 2])
+    torch.testing.assert_close(out, _reference_block_output(block, hidden, routing), atol=1e-6, rtol=1e-6)
+
+
 def test_dropped_tokens_get_zero_expert_output():
     config = ptmoe.MoeBertConfig(
         hidden_size=H, num_experts=E, num_experts_per_tok=1, router_type="switch", eval_capacity_factor=0.25

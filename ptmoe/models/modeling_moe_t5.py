@@ -444,9 +444,7 @@ class MoeT5Stack(MoeT5PreTrainedModel):
                 config=self.config,
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
-                cache=cache.self_attention_cache
-                if isinstance(cache, EncoderDecoderCache)
-                else cache,
+                cache=cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache,
             )
         else:
             attention_mask = create_bidirectional_mask(

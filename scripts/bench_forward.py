@@ -147,6 +147,39 @@ def t5_cases(shape: dict) -> list[Case]:
     ]
 
 
+def decode_weight_traffic(case: Case, dtype: torch.dtype, batch: int, seq: int) -> tuple[float, float]:
+    """Distinct experts per decoder MoE layer and decoding step in one greedy `generate()` of `case` (built as in
+    `measure_round_robin`), and the weights such a step reads relative to dense T5 (one FFN per layer).
+
+    At batch 8 a top-1 step reads the weights of every expert some token chose; dense T5 reads one FFN. On a CPU
+    where decoding is bound by memory traffic, that ratio bounds what any dispatch code can reach.
+    """
+    torch.manual_seed(0)
+    model = case.build().to(dtype).eval()
+    blocks = [m for m in model.decoder.modules() if isinstance(m, ptmoe.SparseMoeBlock)]
+    distinct: list[int] = []
+
+    def count(module, args, output):
+        if args[0].shape[1] == 1:  # one new token per sequence: a decoding step
+            routing = output[1]
+            distinct.append(routing.topk_index[routing.dispatch_mask].unique().numel())
+
+    handles = [block.register_forward_hook(count) for block in blocks]
+    vocab = model.config.vocab_size
+    with torch.inference_mode():
+        case.run(model, torch.randint(0, vocab, (batch, seq)), torch.ones(batch, seq, dtype=torch.long))
+    for handle in handles:
+        handle.remove()
+    expert = sum(p.numel() for p in blocks[0].experts[0].parameters())
+    experts_total = sum(p.numel() for block in blocks for p in block.experts.parameters())
+    # Weights a step reads besides the experts: decoder layers, final norm, LM head (tied or not); the token
+    # embedding is a row lookup.
+    decoder = sum(p.numel() for p in model.decoder.parameters()) - model.decoder.embed_tokens.weight.numel()
+    shared = decoder - experts_total + model.lm_head.weight.numel()
+    mean_distinct = statistics.mean(distinct)
+    return mean_distinct, (shared + len(blocks) * mean_distinct * expert) / (shared + len(blocks) * expert)
+
+
 def measure_round_robin(
     cases: list[Case], dtype: torch.dtype, batch: int, seq: int, warmup: int, runs: int
 ) -> dict[str, list[float]]:
@@ -251,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
         f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} x {args.seq} tokens, "
         f"{args.runs} rounds after {args.warmup} warm-up, models interleaved within each round"
     )
-    speed, ratios = {}, {}
+    speed, ratios, traffic = {}, {}, {}
     for dtype_name in args.dtypes:
         for family_cases in families:
             times = measure_round_robin(
@@ -268,7 +301,18 @@ def main(argv: list[str] | None = None) -> None:
             for numerator, denominator, _ in targets:
                 if numerator in names:
                     ratios[(numerator, denominator, dtype_name)] = paired_ratio(times, numerator, denominator)
+            for case in family_cases:
+                if case.name == "MoE-T5 top-1 generate":
+                    traffic[dtype_name] = decode_weight_traffic(
+                        case, getattr(torch, dtype_name), args.batch, args.seq
+                    )
     report(speed, ratios, targets, args.dtypes)
+    for dtype_name, (mean_distinct, weights) in traffic.items():
+        print(
+            f"MoE-T5 top-1 decoding, {dtype_name}: {mean_distinct:.2f} distinct experts per MoE layer and step "
+            f"(batch {GENERATE_BATCH}); a step reads {weights:.3f}x the weights of dense T5, so a memory-bound "
+            f"step can reach at most {1 / weights:.3f}x its speed"
+        )
 
 
 if __name__ == "__main__":

@@ -358,3 +358,26 @@ def test_accelerate_ddp(checkpoints, tmp_path):
     # Trainer's `num_items_in_batch` path, wrong for mean losses) would be ≈ 2 ln 2.
     assert state["log_history"][0]["loss"] < 1.0
     assert "eval_accuracy" in results(out)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Benchmarks: the quick mode runs, and the decode traffic diagnostic is right where the answer is known
+# --------------------------------------------------------------------------------------------------------------
+def test_decode_weight_traffic_is_one_with_every_token_on_one_expert():
+    bench = load_script("bench_forward")
+    cases = {case.name: case for case in bench.t5_cases(bench.T5_TINY)}
+    mean_distinct, weights = bench.decode_weight_traffic(
+        cases["MoE-T5 generate, 1 expert/step"], torch.float32, batch=8, seq=16
+    )
+    assert (mean_distinct, weights) == (1.0, 1.0)
+    mean_distinct, weights = bench.decode_weight_traffic(
+        cases["MoE-T5 top-1 generate"], torch.float32, batch=8, seq=16
+    )
+    assert 1.0 <= mean_distinct <= 8 and weights >= 1.0
+
+
+def test_bench_forward_quick(capsys):
+    load_script("bench_forward").main(["--quick", "--threads", "1", "--dtypes", "float32"])
+    printed = capsys.readouterr().out
+    assert "MoE-T5 top-1 generate / dense T5 generate" in printed
+    assert "distinct experts per MoE layer and step" in printed

@@ -175,13 +175,12 @@ def decode_weight_traffic(case: Case, dtype: torch.dtype, batch: int, seq: int) 
     # Weights a step reads besides the experts: decoder layers, final norm, LM head (tied or not). Not read: the
     # token embedding (a row lookup) and the cross-attention key/value projections (their outputs over the encoder
     # states are cached at the first step).
-    not_read = {
-        name
-        for name, _ in model.decoder.named_parameters()
-        if ".EncDecAttention.k." in name or ".EncDecAttention.v." in name
-    }
     decoder = (
-        sum(p.numel() for name, p in model.decoder.named_parameters() if name not in not_read)
+        sum(
+            p.numel()
+            for name, p in model.decoder.named_parameters()
+            if ".EncDecAttention.k." not in name and ".EncDecAttention.v." not in name
+        )
         - model.decoder.embed_tokens.weight.numel()
     )
     shared = decoder - experts_total + model.lm_head.weight.numel()

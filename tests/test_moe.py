@@ -280,9 +280,8 @@ def test_small_expert_batches_are_padded_only_in_cpu_fp32_inference(mode):
     out, routing = block(hidden)
     assert torch.equal(routing.topk_index.flatten(), wanted)
     assert rows_seen == ([1, 4, 4, 4] if mode == "eval" else [1, 2, 3, 2])
-    if (
-        mode != "int8"
-    ):  # INT8's per-call activation scale makes a one-token-at-a-time reference differ by design
+    # INT8's per-call activation scale makes a one-token-at-a-time reference differ by design.
+    if mode != "int8":
         torch.testing.assert_close(out, _reference_block_output(block, hidden, routing), atol=1e-6, rtol=1e-6)
 
 

@@ -47,6 +47,7 @@ from .quantization import (
     quantizable_linears,
     quantize_dynamic_int8,
 )
+from .sparsify import fit_routers
 from .upcycling import SUPPORTED_ARCHITECTURES, UPCYCLING_METHODS, save_upcycled, upcycle
 from .zoo import ZooEntry, create_model, get_model_info, list_models
 
@@ -61,6 +62,8 @@ _LAZY_EXPORTS = {
     "add_router_telemetry": "telemetry",
     "routing_statistics": "telemetry",
     "plot_expert_load": "telemetry",
+    "distill": "compress.distillation",
+    "sparsify": "sparsify.pipeline",
 }
 
 
@@ -110,6 +113,9 @@ __all__ = [
     "save_upcycled",
     "SUPPORTED_ARCHITECTURES",
     "UPCYCLING_METHODS",
+    "fit_routers",
+    "distill",
+    "sparsify",
     "list_models",
     "create_model",
     "get_model_info",

@@ -64,7 +64,9 @@ from .models.moe import count_parameters
 logger = logging.getLogger(__name__)
 
 UPCYCLING_METHODS = ("copy", "noise", "drop", "partition")
-PARTITION_STRATEGIES = ("random", "clustered")
+PARTITION_STRATEGIES = ("random", "clustered", "coactivation")
+# Splits that need the FFN activations of the dense model on calibration text.
+CALIBRATED_STRATEGIES = ("coactivation",)
 _KMEANS_ITERATIONS = 25
 
 
@@ -433,6 +435,7 @@ def build_moe_config(
     seed: int,
     source: str,
     overrides: Mapping,
+    num_shared_neurons: int = 0,
 ):
     """The MoE config of an upcycled model: every dense config field, the MoE fields and the provenance.
 
@@ -449,23 +452,36 @@ def build_moe_config(
     if overrides.get("num_shared_experts", 0):
         raise ValueError(
             "`num_shared_experts` > 0 is not supported by upcycle: shared experts would add a second copy of the "
-            "dense FFN to every token's output, so no initialisation reproduces the dense model"
+            "dense FFN to every token's output, so no initialisation reproduces the dense model. For a shared expert "
+            "of the most important neurons use method='partition' with `num_shared_neurons`"
         )
     intermediate_size = fields[family.intermediate_attr]
     expert_intermediate_size = overrides.get("expert_intermediate_size")
+    shared_fields = {}
+    if num_shared_neurons and method != "partition":
+        raise ValueError(f"`num_shared_neurons` is for method='partition', got method={method!r}")
     if method == "partition":
-        if intermediate_size % num_experts != 0:
+        if num_shared_neurons >= intermediate_size:
             raise ValueError(
-                f"method='partition' splits the {intermediate_size} intermediate neurons ({family.intermediate_attr})"
-                f" into num_experts={num_experts} equal experts, but {intermediate_size} is not divisible by "
-                f"{num_experts}; choose a num_experts that divides it"
+                f"`num_shared_neurons` ({num_shared_neurons}) must be smaller than the {intermediate_size} intermediate "
+                f"neurons ({family.intermediate_attr}): the rest are split between the routed experts"
             )
-        if expert_intermediate_size not in (None, intermediate_size // num_experts):
+        routed_size = intermediate_size - num_shared_neurons
+        if routed_size % num_experts != 0:
             raise ValueError(
-                f"method='partition' sets expert_intermediate_size = {intermediate_size} / {num_experts} = "
-                f"{intermediate_size // num_experts}; got expert_intermediate_size={expert_intermediate_size}"
+                f"method='partition' splits the {routed_size} intermediate neurons ({family.intermediate_attr}"
+                f"{f' minus {num_shared_neurons} shared neurons' if num_shared_neurons else ''}) into "
+                f"num_experts={num_experts} equal experts, but {routed_size} is not divisible by {num_experts}; "
+                "choose a num_experts (or num_shared_neurons) that makes it divisible"
             )
-        expert_intermediate_size = intermediate_size // num_experts
+        if expert_intermediate_size not in (None, routed_size // num_experts):
+            raise ValueError(
+                f"method='partition' sets expert_intermediate_size = {routed_size} / {num_experts} = "
+                f"{routed_size // num_experts}; got expert_intermediate_size={expert_intermediate_size}"
+            )
+        expert_intermediate_size = routed_size // num_experts
+        if num_shared_neurons:
+            shared_fields = {"num_shared_experts": 1, "shared_expert_intermediate_size": num_shared_neurons}
     elif expert_intermediate_size not in (None, intermediate_size):
         raise ValueError(
             f"method={method!r} copies the dense FFN, so expert_intermediate_size must be {intermediate_size} "
@@ -499,6 +515,7 @@ def build_moe_config(
         "upcycling_method": method,
         "upcycling_seed": seed,
         **layers,
+        **shared_fields,
     }
     overrides = {k: v for k, v in overrides.items() if k != "expert_intermediate_size"}
     return config_class(**{**fields, **moe_fields, **overrides})
@@ -641,16 +658,24 @@ def balanced_kmeans(
 
 
 def partition_groups(
-    ffn: Mapping[str, torch.Tensor], num_experts: int, strategy: str, generator: torch.Generator
+    ffn: Mapping[str, torch.Tensor],
+    num_experts: int,
+    strategy: str,
+    generator: torch.Generator,
+    activations: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """Disjoint groups of intermediate neurons, one per expert (sorted indices, equal sizes).
 
     Args:
         ffn (`dict`): the dense FFN of one layer (`wi.weight`, …, `wo.weight`).
         num_experts (`int`): number of groups; must divide the intermediate size.
-        strategy (`str`): "random" (a seeded permutation) or "clustered" (balanced spherical k-means on the rows
-            of the input projection(s), `wi` or `[wi_0 | wi_1]`).
+        strategy (`str`): "random" (a seeded permutation), "clustered" (balanced spherical k-means on the rows of
+            the input projection(s), `wi` or `[wi_0 | wi_1]`) or "coactivation" (balanced spherical k-means on the
+            neurons' positive activations over calibration tokens: neurons that fire on the same tokens share an
+            expert, MoEfication's co-activation split with k-means in place of graph partitioning).
         generator (`torch.Generator`): the layer's seeded generator.
+        activations (`torch.Tensor` of shape `(T, I)`, *optional*): the layer's activations on calibration tokens
+            (needed by "coactivation").
     """
     intermediate_size = ffn["wo.weight"].shape[1]
     if intermediate_size % num_experts != 0:
@@ -660,24 +685,104 @@ def partition_groups(
     if strategy == "random":
         groups = torch.randperm(intermediate_size, generator=generator).view(num_experts, -1)
         return [group.sort().values for group in groups]
+    if strategy == "coactivation":
+        if activations is None:
+            raise ValueError("partition='coactivation' needs calibration text (`calibration=`)")
+        # (I, T): a neuron's firing pattern; cosine similarity of two patterns = their normalised co-activation.
+        features = activations.float().clamp(min=0).T
+        # A neuron that never fires on the calibration text has a zero pattern: a tiny random direction keeps
+        # k-means defined for it (it joins an arbitrary group).
+        features = features + 1e-6 * torch.rand(features.shape, generator=generator)
+        return balanced_kmeans(features, num_experts, generator)
     rows = torch.cat([ffn[f"{role}.weight"] for role in _input_roles(ffn)], dim=1)  # (I, H) or (I, 2H)
     return balanced_kmeans(rows, num_experts, generator)
 
 
-def _partition_experts(ffn, num_experts: int, strategy: str, generator) -> list[dict[str, torch.Tensor]]:
+def neuron_importance(ffn: Mapping[str, torch.Tensor], activations: torch.Tensor) -> torch.Tensor:
+    """`(I,)` importance of each intermediate neuron: its mean contribution to the FFN output on calibration tokens.
+
+    ``importance_i = mean_t |a_ti| · ‖wo[:, i]‖₂`` — the expected norm of what neuron i adds to the output. MoEBERT
+    (Zuo et al. 2022) ranks neurons by a gradient sensitivity on task data; this label-free proxy needs only
+    unlabeled text and ranks the same way when the loss is locally linear in the FFN output.
+    """
+    return activations.float().abs().mean(dim=0) * ffn["wo.weight"].float().norm(dim=0)
+
+
+def split_ffn(
+    ffn: Mapping[str, torch.Tensor],
+    num_experts: int,
+    strategy: str,
+    generator: torch.Generator,
+    *,
+    num_shared_neurons: int = 0,
+    activations: torch.Tensor | None = None,
+    combine_weights: str = "router",
+    num_experts_per_tok: int | None = None,
+) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor] | None]:
+    """Split one dense FFN into `num_experts` routed experts (+ one shared expert of the top neurons).
+
+    With `num_shared_neurons = S > 0`, the S most important neurons (`neuron_importance`) form an always-active
+    shared expert holding the full output bias; the other ``I - S`` neurons are split by `strategy`. The layout is
+    exact with all experts active:
+
+    - `combine_weights="router"` (uniform router, renormalised weights 1/E): routed `wo` weights are scaled by E;
+      without shared neurons each routed expert keeps the full bias (Σ 1/E · b = b).
+    - `combine_weights="ones"` (chosen experts summed, MoEfication): routed `wo` weights unscaled; without shared
+      neurons each routed expert holds ``b / k``, so the k chosen experts add the bias once.
+
+    Returns:
+        `(experts, shared)`: one dict per routed expert and the shared expert's dict (or None when S = 0).
+    """
+    intermediate_size = ffn["wo.weight"].shape[1]
+    neurons = torch.arange(intermediate_size)
+    shared_neurons = None
+    if num_shared_neurons:
+        if activations is None:
+            raise ValueError(
+                "`num_shared_neurons` > 0 ranks neurons on calibration text: pass `calibration=`"
+            )
+        ranked = torch.argsort(neuron_importance(ffn, activations), descending=True, stable=True)
+        shared_neurons = ranked[:num_shared_neurons].sort().values
+        neurons = ranked[num_shared_neurons:].sort().values
+    routed_ffn = {
+        key: (tensor.index_select(1, neurons) if key == "wo.weight" else tensor.index_select(0, neurons))
+        if key != "wo.bias"
+        else tensor
+        for key, tensor in ffn.items()
+    }
+    routed_activations = activations.index_select(1, neurons) if activations is not None else None
+    groups = [
+        neurons[g] for g in partition_groups(routed_ffn, num_experts, strategy, generator, routed_activations)
+    ]
+    scale = num_experts if combine_weights == "router" else 1
+    k = num_experts_per_tok or num_experts
     experts = []
-    for group in partition_groups(ffn, num_experts, strategy, generator):
+    for group in groups:
         expert = {}
         for key, tensor in ffn.items():
             if key == "wo.weight":
-                # ×E: with all E experts active and equal router weights 1/E, Σ_e (1/E)(E·W_e h_e) = W h exactly.
-                expert[key] = tensor.index_select(1, group).mul_(num_experts)
+                expert[key] = tensor.index_select(1, group).mul_(scale)
             elif key == "wo.bias":
-                expert[key] = tensor.clone()  # Σ_e w_e · b = b because the combine weights sum to 1
+                if shared_neurons is not None:
+                    expert[key] = torch.zeros_like(tensor)  # the shared expert adds the bias
+                else:
+                    expert[key] = tensor.clone() if combine_weights == "router" else tensor / k
             else:
                 expert[key] = tensor.index_select(0, group)
         experts.append(expert)
-    return experts
+    shared = None
+    if shared_neurons is not None:
+        shared = {
+            key: tensor.index_select(1, shared_neurons)
+            if key == "wo.weight"
+            else (tensor.clone() if key == "wo.bias" else tensor.index_select(0, shared_neurons))
+            for key, tensor in ffn.items()
+        }
+    return experts, shared
+
+
+def _partition_experts(ffn, num_experts: int, strategy: str, generator) -> list[dict[str, torch.Tensor]]:
+    return split_ffn(ffn, num_experts, strategy, generator)[0]
 
 
 def init_experts(
@@ -747,6 +852,8 @@ def upcycle_state_dict(
     partition: str = "random",
     clone: bool = True,
     progress: bool = False,
+    activations: Mapping[tuple[str, int], torch.Tensor] | None = None,
+    num_shared_neurons: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Convert a dense state dict into the state dict of the MoE model, except the routers.
 
@@ -763,6 +870,9 @@ def upcycle_state_dict(
         clone (`bool`): copy carried-over tensors (True when the dense model stays in use); when False, the result
             shares storage with `dense_state_dict`.
         progress (`bool`): show a progress bar over MoE layers.
+        activations (`dict`, *optional*): `(stack, layer)` → `(T, I)` dense FFN activations on calibration text
+            (from `ptmoe.sparsify.collect_ffn_activations`), for the co-activation split and `num_shared_neurons`.
+        num_shared_neurons (`int`): "partition": neurons kept in an always-active shared expert.
 
     Returns:
         `dict[str, torch.Tensor]` with every key of `expected_shapes` except the router keys.
@@ -817,19 +927,35 @@ def upcycle_state_dict(
                     f"({stack.name} layer {layer}); is the config's FFN type the checkpoint's?"
                 )
             sources[expert_key], ffn[expert_key] = renamed.pop(dense_key)
-        experts = init_experts(
-            ffn,
-            moe_config.num_experts,
-            method,
-            _generator(seed, method, stack.name, layer),
-            noise_std=noise_std,
-            drop_ratio=drop_ratio,
-            partition=partition,
-            clone=clone,
-        )
+        generator = _generator(seed, method, stack.name, layer)
+        shared = None
+        if method == "partition":
+            experts, shared = split_ffn(
+                ffn,
+                moe_config.num_experts,
+                partition,
+                generator,
+                num_shared_neurons=num_shared_neurons,
+                activations=(activations or {}).get((stack.name, layer)),
+                combine_weights=getattr(moe_config, "combine_weights", "router"),
+                num_experts_per_tok=moe_config.num_experts_per_tok,
+            )
+        else:
+            experts = init_experts(
+                ffn,
+                moe_config.num_experts,
+                method,
+                generator,
+                noise_std=noise_std,
+                drop_ratio=drop_ratio,
+                partition=partition,
+                clone=clone,
+            )
         for index, expert in enumerate(experts):
             for expert_key, tensor in expert.items():
                 put(f"{block}experts.{index}.{expert_key}", tensor, sources[expert_key])
+        for expert_key, tensor in (shared or {}).items():
+            put(f"{block}shared_experts.0.{expert_key}", tensor, sources[expert_key])
 
     # 2. Everything else is carried over under its (renamed) key. Tied weights share storage: clone them once.
     clones: dict[tuple, torch.Tensor] = {}
@@ -998,6 +1124,10 @@ def upcycle(
     task: str | None = None,
     load_kwargs: Mapping | None = None,
     progress: bool = True,
+    num_shared_neurons: int = 0,
+    calibration=None,
+    tokenizer=None,
+    calibration_tokens: int = 2048,
     **moe_config_overrides,
 ) -> PreTrainedModel:
     """Upcycle a dense BERT / RoBERTa / T5 model into the matching ptmoe MoE model.
@@ -1024,13 +1154,24 @@ def upcycle(
             its exactness) and "normal" otherwise.
         noise_std (`float`, defaults to 0.01): "noise": noise std relative to each weight tensor's std.
         drop_ratio (`float`, defaults to 0.5): "drop": fraction of intermediate neurons re-initialised, in (0, 1].
-        partition (`str`, defaults to `"random"`): "partition": "random" or "clustered" (balanced k-means).
+        partition (`str`, defaults to `"random"`): "partition": "random", "clustered" (balanced k-means on the
+            weights) or "coactivation" (balanced k-means on the neurons' firing patterns over `calibration` text).
+            Which to use: "coactivation" when calibration text is at hand and the experts will be routed sparsely
+            (`ptmoe.sparsify`): a fitted router then finds experts whose neurons fire together; "clustered"
+            without text; "random" as a baseline.
         task (`str`, *optional*): only for a path / Hub id: which dense head to load (see
             `architecture_for_checkpoint`); defaults to the checkpoint's architecture, or masked-LM for a
             `BertForPreTraining` checkpoint such as BERTimbau.
         load_kwargs (`dict`, *optional*): extra `from_pretrained` arguments for a path / Hub id (`dtype`,
             `revision`, `token`, `num_labels`, …).
         progress (`bool`, defaults to `True`): show a progress bar over MoE layers.
+        num_shared_neurons (`int`, defaults to 0): "partition": the S most important neurons (mean contribution
+            to the FFN output on `calibration` text, see `neuron_importance`) become one always-active shared expert
+            (MoEBERT's importance-guided split); the other neurons are split by `partition`.
+        calibration (*optional*): text for "coactivation" and `num_shared_neurons`: a list of texts, a
+            `datasets.Dataset` (column "text") or a text file.
+        tokenizer (*optional*): tokenizer for `calibration` (default: the dense checkpoint's).
+        calibration_tokens (`int`, defaults to 2048): real tokens of `calibration` recorded per MoE layer.
         moe_config_overrides: any other MoE config field (`router_aux_loss_coef`, `capacity_factor`, …).
 
     Returns:
@@ -1052,6 +1193,25 @@ def upcycle(
     _check_arguments(
         num_experts, num_experts_per_tok, method, seed, noise_std, drop_ratio, partition, router_init
     )
+    if (
+        isinstance(num_shared_neurons, bool)
+        or not isinstance(num_shared_neurons, int)
+        or num_shared_neurons < 0
+    ):
+        raise ValueError(f"`num_shared_neurons` must be an integer >= 0, got {num_shared_neurons!r}")
+    needs_calibration = method == "partition" and (
+        partition in CALIBRATED_STRATEGIES or num_shared_neurons > 0
+    )
+    calibration_texts = None
+    if needs_calibration:
+        from .sparsify.data import load_texts
+
+        if calibration is None:
+            raise ValueError(
+                f"partition={partition!r} with num_shared_neurons={num_shared_neurons} reads the dense FFN's "
+                "activations on text: pass `calibration=` (a list of texts, a datasets.Dataset or a text file)"
+            )
+        calibration_texts = load_texts(calibration, what="calibration")
     load_kwargs = dict(load_kwargs or {})
 
     if isinstance(dense, (str, os.PathLike)):
@@ -1085,6 +1245,7 @@ def upcycle(
         seed=seed,
         source=source,
         overrides=moe_config_overrides,
+        num_shared_neurons=num_shared_neurons,
     )
     moe_config = build_moe_config(dense_config, arch, **config_arguments)
     moe_class = moe_class_for(arch)
@@ -1096,6 +1257,15 @@ def upcycle(
             raise ValueError(f"loading {source!r} gave a {type(dense).__name__}, expected {arch.dense_class}")
         # Again from the loaded config: `load_kwargs` such as `num_labels` change it.
         moe_config = build_moe_config(dense.config, arch, **config_arguments)
+    activations = None
+    if calibration_texts is not None:
+        from .sparsify.calibration import collect_ffn_activations
+        from .sparsify.data import resolve_tokenizer
+
+        layers = {stack.name: getattr(moe_config, stack.layers_attr) for stack in arch.stacks}
+        activations = collect_ffn_activations(
+            dense, arch, layers, calibration_texts, resolve_tokenizer(dense, tokenizer), calibration_tokens
+        )
     dtype = dense.dtype
     device = next(dense.parameters()).device
     dense_state_dict = dense.state_dict()
@@ -1116,6 +1286,8 @@ def upcycle(
         partition=partition,
         clone=not owned,
         progress=progress,
+        activations=activations,
+        num_shared_neurons=num_shared_neurons,
     )
     del dense_state_dict
     _assign(model, tensors)
@@ -1330,6 +1502,8 @@ __all__ = [
     "build_moe_config",
     "init_experts",
     "partition_groups",
+    "split_ffn",
+    "neuron_importance",
     "balanced_kmeans",
     "upcycle_state_dict",
     "upcycle",

@@ -55,3 +55,235 @@ def test_bench_dispatch_quick(capsys):
     load_script("bench_dispatch").main(["--quick", "--threads", "1"])
     printed = capsys.readouterr().out
     assert "E=64 k=16" in printed and "grouped_mm" in printed
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2. Splits: co-activation and importance (shared neurons); exact with every expert active
+# --------------------------------------------------------------------------------------------------------------
+from test_upcycling import (  # noqa: E402  (tests/ is on sys.path: pytest's rootdir import mode)
+    INTERMEDIATE,
+    VOCAB,
+    assert_same_outputs,
+    bert_config,
+    dense_model,
+    t5_config,
+    write_tokenizer,
+)
+
+from ptmoe.upcycling import neuron_importance, partition_groups  # noqa: E402
+
+WORDS = VOCAB[5:]
+TEXTS = [" ".join(WORDS[(7 * i + 3 * j) % len(WORDS)] for j in range(6 + i % 5)) for i in range(40)]
+
+
+@pytest.fixture
+def dense_bert(tmp_path):
+    """A dense BertForMaskedLM saved with a tokenizer (a folder, like a Hub checkpoint)."""
+    model = dense_model("BertForMaskedLM", bert_config())
+    model.save_pretrained(tmp_path / "dense")
+    write_tokenizer(tmp_path / "dense")
+    return transformers_load(tmp_path / "dense")
+
+
+def transformers_load(path):
+    from transformers import BertForMaskedLM
+
+    return BertForMaskedLM.from_pretrained(path).eval()
+
+
+def split(dense, **kwargs):
+    kwargs = {"num_experts": 4, "moe_layers": 1, "progress": False, "method": "partition", **kwargs}
+    return ptmoe.upcycle(dense, **kwargs)
+
+
+@pytest.mark.parametrize("combine", ["router", "ones"])
+@pytest.mark.parametrize("partition, shared", [("coactivation", 0), ("random", 8), ("coactivation", 12)])
+def test_calibrated_splits_are_exact_with_every_expert_active(dense_bert, partition, shared, combine):
+    moe = split(
+        dense_bert,
+        partition=partition,
+        num_shared_neurons=shared,
+        calibration=TEXTS,
+        num_experts_per_tok=4,
+        combine_weights=combine,
+    )
+    assert moe.config.expert_intermediate_size == (INTERMEDIATE - shared) // 4
+    assert moe.config.num_shared_experts == (1 if shared else 0)
+    if shared:
+        assert moe.config.shared_expert_intermediate_size == shared
+    assert_same_outputs(dense_bert, moe)
+
+
+def test_shared_neuron_split_is_exact_for_gated_t5(tmp_path):
+    dense = dense_model("T5ForConditionalGeneration", t5_config("gated-gelu"))
+    moe = split(
+        dense,
+        partition="coactivation",
+        num_shared_neurons=8,
+        calibration=TEXTS,
+        tokenizer=write_tokenizer(tmp_path / "tok"),
+        num_experts_per_tok=4,
+        combine_weights="ones",
+    )
+    assert_same_outputs(dense, moe, decoder=True)
+
+
+def test_importance_split_keeps_the_top_neurons_in_the_shared_expert(dense_bert):
+    shared = 8
+    moe = split(dense_bert, num_shared_neurons=shared, calibration=TEXTS, num_experts_per_tok=1)
+    # Independent reference: the intermediate activations of layer 0 on the same text, the importance formula.
+    tokenizer = write_tokenizer_like(dense_bert)
+    captured = []
+    layer = dense_bert.bert.encoder.layer[0]
+    handle = layer.intermediate.register_forward_hook(lambda m, a, out: captured.append(out))
+    with torch.no_grad():
+        encoded = tokenizer(TEXTS, padding=True, return_tensors="pt")
+        dense_bert(**encoded)
+    handle.remove()
+    activations = captured[0][encoded["attention_mask"].bool()]
+    wo = layer.output.dense.weight
+    importance = activations.abs().mean(0) * wo.norm(dim=0)
+    top = importance.topk(shared).indices.sort().values
+    shared_expert = moe.bert.encoder.layer[0].moe.shared_experts[0]
+    torch.testing.assert_close(shared_expert.wi.weight, layer.intermediate.dense.weight[top])
+    torch.testing.assert_close(shared_expert.wo.weight, wo[:, top])
+    torch.testing.assert_close(shared_expert.wo.bias, layer.output.dense.bias)
+    torch.testing.assert_close(neuron_importance({"wo.weight": wo}, activations), importance)
+
+
+def write_tokenizer_like(model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model.config._name_or_path)
+
+
+def test_coactivation_groups_recover_neurons_that_fire_together():
+    generator = torch.Generator().manual_seed(0)
+    owner = torch.randperm(36, generator=generator) % 4  # planted group of each neuron
+    token_group = torch.randint(0, 4, (400,), generator=generator)
+    # A neuron fires (positive) only on the tokens of its own group.
+    activations = (owner[None, :] == token_group[:, None]).float() * torch.rand(400, 36, generator=generator)
+    ffn = {
+        "wi.weight": torch.randn(36, 8, generator=generator),
+        "wo.weight": torch.randn(8, 36, generator=generator),
+    }
+    groups = partition_groups(ffn, 4, "coactivation", torch.Generator().manual_seed(0), activations)
+    assert sorted(sorted(owner[g].tolist()) for g in groups) == [[c] * 9 for c in range(4)]
+
+
+def test_split_bad_input_is_refused_early(dense_bert, tmp_path):
+    with pytest.raises(ValueError, match="num_shared_neurons.*smaller than the 36"):
+        split(dense_bert, num_shared_neurons=36, calibration=TEXTS)
+    with pytest.raises(ValueError, match="calibration="):
+        split(dense_bert, partition="coactivation")
+    with pytest.raises(ValueError, match="calibration"):
+        split(dense_bert, partition="coactivation", calibration=["", "  "])
+    with pytest.raises(FileNotFoundError, match="calibration"):
+        split(dense_bert, partition="coactivation", calibration=tmp_path / "missing.txt")
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        split(dense_bert, num_experts_per_tok=5)
+    with pytest.raises(ValueError, match="not divisible"):
+        split(dense_bert, num_shared_neurons=6, calibration=TEXTS)
+    with pytest.raises(ValueError, match="num_shared_neurons"):
+        split(dense_bert, method="copy", num_shared_neurons=4, calibration=TEXTS)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 3. Router fitting
+# --------------------------------------------------------------------------------------------------------------
+def subspace_model(tmp_path):
+    """MoE-BERT whose expert e's neurons read only the hidden dimensions 8e..8e+7 (disjoint subspaces)."""
+    config = ptmoe.MoeBertConfig(
+        **{
+            **dict(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
+            "intermediate_size": 37,
+            "max_position_embeddings": 64,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_layers": [1],
+            "hidden_act": "relu",
+            "combine_weights": "ones",
+            "router_init": "zeros",
+            "expert_intermediate_size": 6,
+        }
+    )
+    torch.manual_seed(0)
+    model = ptmoe.MoeBertForMaskedLM(config).eval()
+    block = model.bert.encoder.layer[1].moe
+    generator = torch.Generator().manual_seed(1)
+    scales = torch.rand(6, 1, generator=generator) + 0.5  # the same 6 neuron scales in every expert
+    with torch.no_grad():
+        for e, expert in enumerate(block.experts):
+            direction = torch.zeros(32)
+            direction[8 * e : 8 * e + 8] = torch.nn.functional.normalize(torch.randn(8, generator=generator), dim=0)
+            # Every neuron of expert e detects the same direction of its subspace: mass_e = c · relu(u_e·x + 2).
+            expert.wi.weight.copy_(scales * direction)
+            expert.wi.bias.copy_(2.0 * scales.squeeze(-1))
+            expert.wo.weight.copy_(torch.nn.functional.normalize(expert.wo.weight, dim=0))
+    model.save_pretrained(tmp_path / "moe")
+    write_tokenizer(tmp_path / "moe")
+    return ptmoe.MoeBertForMaskedLM.from_pretrained(tmp_path / "moe").eval()
+
+
+def true_mass(block, hidden):
+    """Independent of ptmoe: Σ_i relu(w_i·x + b_i) · ‖wo[:, i]‖ per expert."""
+    return torch.stack(
+        [
+            (torch.relu(hidden @ e.wi.weight.T + e.wi.bias) * e.wo.weight.norm(dim=0)).sum(-1)
+            for e in block.experts
+        ],
+        dim=-1,
+    )
+
+
+def test_fit_routers_recovers_the_experts_of_a_known_assignment(tmp_path):
+    model = subspace_model(tmp_path)
+    block = model.bert.encoder.layer[1].moe
+    texts = TEXTS * 3
+    results = ptmoe.fit_routers(model, texts, steps=300, progress=False, seed=0)
+    (fit,) = results.values()
+    assert fit.agreement > 0.9 and fit.agreement > fit.agreement_before + 0.2
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())
+    # Held-out check through the model itself: top-k of the fitted router vs the true mass ranking.
+    captured = []
+    handle = block.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    tokenizer = write_tokenizer_like(model)
+    encoded = tokenizer([" ".join(reversed(t.split())) for t in TEXTS], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**encoded, output_router_logits=True)
+    handle.remove()
+    mask = encoded["attention_mask"].bool()
+    mass = true_mass(block, captured[0])[mask]
+    chosen = out.expert_index[0][mask].sort(-1).values
+    oracle = mass.topk(2, dim=-1).indices.sort(-1).values
+    assert (chosen == oracle).all(-1).float().mean() > 0.8
+
+
+def test_fit_routers_is_seeded(tmp_path):
+    weights = []
+    for _ in range(2):
+        model = subspace_model(tmp_path / str(len(weights)))
+        ptmoe.fit_routers(model, TEXTS, steps=20, progress=False, seed=3)
+        weights.append(model.bert.encoder.layer[1].moe.router.weight.detach().clone())
+    torch.testing.assert_close(weights[0], weights[1])
+
+
+def test_fit_routers_bad_input(tmp_path, dense_bert):
+    model = subspace_model(tmp_path)
+    with pytest.raises(ValueError, match="no non-empty text"):
+        ptmoe.fit_routers(model, [], steps=5, progress=False)
+    with pytest.raises(FileNotFoundError, match="no such text file"):
+        ptmoe.fit_routers(model, tmp_path / "nope.txt", steps=5, progress=False)
+    with pytest.raises(ValueError, match="steps"):
+        ptmoe.fit_routers(model, TEXTS, steps=0, progress=False)
+    dense_as_moe = ptmoe.MoeBertForMaskedLM(ptmoe.MoeBertConfig(**{**bert_config().to_dict(), "moe_layers": []}))
+    with pytest.raises(ValueError, match="no MoE layers"):
+        ptmoe.fit_routers(dense_as_moe, TEXTS, steps=5, progress=False)
+    with pytest.raises(ValueError, match="no MoE layers"):
+        ptmoe.fit_routers(dense_bert, TEXTS, steps=5, progress=False)
+    weighted = split(dense_bert, num_experts_per_tok=2)
+    with pytest.raises(ValueError, match="combine_weights='ones'"):
+        ptmoe.fit_routers(weighted, TEXTS, steps=5, progress=False)
+    no_tokenizer = split(dense_model("BertForMaskedLM", bert_config()), combine_weights="ones")
+    with pytest.raises(ValueError, match="tokenizer="):
+        ptmoe.fit_routers(no_tokenizer, TEXTS, steps=5, progress=False)

@@ -70,6 +70,11 @@ class MoeT5Config(MoeConfigMixin, T5Config):
         norm_topk_prob (`bool`, defaults to `True`): renormalise the k chosen weights to sum to 1 (`"topk"`).
         num_shared_experts (`int`, defaults to 0): always-active experts added to the routed ones.
         expert_intermediate_size (`int`, *optional*): expert FFN width (default `d_ff`).
+        shared_expert_intermediate_size (`int`, *optional*): width of the shared experts (default: the routed
+            experts' width; the importance split of `ptmoe.upcycle` keeps its top neurons in one shared expert).
+        combine_weights (`str`, defaults to `"router"`): `"router"` combines the chosen experts with the
+            router's top-k probabilities; `"ones"` sums them (weight 1 each: the router only selects, as in
+            MoEfication; used by `ptmoe.sparsify`). `"topk"` and `"noisy_topk"` routers only.
         router_init (`str`, defaults to `"normal"`): `"normal"` or `"zeros"`.
         output_router_logits (`bool`, defaults to `False`): return per-layer `router_logits` and `expert_index`.
         upcycled_from / upcycling_method / upcycling_seed: provenance written by `ptmoe.upcycle`.
@@ -101,6 +106,8 @@ class MoeT5Config(MoeConfigMixin, T5Config):
     norm_topk_prob: bool = True
     num_shared_experts: int = 0
     expert_intermediate_size: int | None = None
+    shared_expert_intermediate_size: int | None = None
+    combine_weights: str = "router"
     router_init: str = "normal"
     output_router_logits: bool = False
     upcycled_from: str | None = None

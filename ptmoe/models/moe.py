@@ -23,6 +23,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 
 ROUTER_TYPES = ("topk", "switch", "noisy_topk", "hash")
+COMBINE_WEIGHTS = ("router", "ones")
 HASH_ROUTER_SEED = 1234  # fixed: the token → expert table must not depend on the global RNG
 
 
@@ -104,6 +105,20 @@ def validate_moe_fields(config) -> None:
             raise ValueError(f"`{name}` must be a number >= 0, got {value!r}")
     if not isinstance(config.num_shared_experts, int) or config.num_shared_experts < 0:
         raise ValueError(f"`num_shared_experts` must be an integer >= 0, got {config.num_shared_experts!r}")
+    shared_size = getattr(config, "shared_expert_intermediate_size", None)
+    if shared_size is not None and (
+        isinstance(shared_size, bool) or not isinstance(shared_size, int) or shared_size < 1
+    ):
+        raise ValueError(
+            f"`shared_expert_intermediate_size` must be None or an integer >= 1, got {shared_size!r}"
+        )
+    combine = getattr(config, "combine_weights", "router")
+    if combine not in COMBINE_WEIGHTS:
+        raise ValueError(f"`combine_weights` must be one of {COMBINE_WEIGHTS}, got {combine!r}")
+    if combine == "ones" and config.router_type not in ("topk", "noisy_topk"):
+        raise ValueError(
+            f"`combine_weights='ones'` is for the 'topk' and 'noisy_topk' routers, got router_type={config.router_type!r}"
+        )
     if config.router_init not in ("normal", "zeros"):
         raise ValueError(f"`router_init` must be 'normal' or 'zeros', got {config.router_init!r}")
     if config.expert_intermediate_size is not None and (
@@ -188,12 +203,14 @@ class TopKRouter(nn.Module):
         num_experts_per_tok: int,
         norm_topk_prob: bool = True,
         jitter_noise: float = 0.0,
+        combine_weights: str = "router",
     ):
         super().__init__()
         self.num_experts = num_experts
         self.num_experts_per_tok = num_experts_per_tok
         self.norm_topk_prob = norm_topk_prob
         self.jitter_noise = jitter_noise
+        self.combine_weights = combine_weights
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
 
     def compute_logits(self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
@@ -206,7 +223,10 @@ class TopKRouter(nn.Module):
 
     def select(self, router_probs: torch.Tensor, token_mask: torch.Tensor):
         topk_weights, topk_index = torch.topk(router_probs, self.num_experts_per_tok, dim=-1)  # (B, S, k)
-        if self.norm_topk_prob:
+        if getattr(self, "combine_weights", "router") == "ones":
+            # MoEfication: the router only selects; the chosen experts' outputs are summed.
+            topk_weights = torch.ones_like(topk_weights)
+        elif self.norm_topk_prob:
             topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
         dispatch_mask = token_mask.unsqueeze(-1).expand_as(topk_index)
         return topk_weights, topk_index, dispatch_mask
@@ -295,10 +315,20 @@ class NoisyTopKRouter(TopKRouter):
     """
 
     def __init__(
-        self, hidden_size: int, num_experts: int, num_experts_per_tok: int, jitter_noise: float = 0.0
+        self,
+        hidden_size: int,
+        num_experts: int,
+        num_experts_per_tok: int,
+        jitter_noise: float = 0.0,
+        combine_weights: str = "router",
     ):
         super().__init__(
-            hidden_size, num_experts, num_experts_per_tok, norm_topk_prob=True, jitter_noise=jitter_noise
+            hidden_size,
+            num_experts,
+            num_experts_per_tok,
+            norm_topk_prob=True,
+            jitter_noise=jitter_noise,
+            combine_weights=combine_weights,
         )
         self.noise_weight = nn.Parameter(torch.empty(num_experts, hidden_size))
 
@@ -355,6 +385,7 @@ def build_router(config, hidden_size: int) -> TopKRouter:
             config.num_experts_per_tok,
             config.norm_topk_prob,
             config.router_jitter_noise,
+            getattr(config, "combine_weights", "router"),
         )
     if config.router_type == "switch":
         return SwitchRouter(
@@ -367,7 +398,11 @@ def build_router(config, hidden_size: int) -> TopKRouter:
         )
     if config.router_type == "noisy_topk":
         return NoisyTopKRouter(
-            hidden_size, config.num_experts, config.num_experts_per_tok, config.router_jitter_noise
+            hidden_size,
+            config.num_experts,
+            config.num_experts_per_tok,
+            config.router_jitter_noise,
+            getattr(config, "combine_weights", "router"),
         )
     if config.router_type == "hash":
         return HashRouter(config.num_experts, config.vocab_size)
@@ -448,8 +483,11 @@ class SparseMoeBlock(nn.Module):
         self.router = build_router(config, hidden_size)
         expert_args = (hidden_size, intermediate_size, hidden_act, gated, bias, dropout)
         self.experts = nn.ModuleList([MoeExpert(*expert_args) for _ in range(config.num_experts)])
+        # The shared experts may be wider than the routed ones (the importance split keeps its top neurons there).
+        shared_size = getattr(config, "shared_expert_intermediate_size", None) or intermediate_size
+        shared_args = (hidden_size, shared_size, hidden_act, gated, bias, dropout)
         self.shared_experts = (
-            nn.ModuleList([MoeExpert(*expert_args) for _ in range(config.num_shared_experts)])
+            nn.ModuleList([MoeExpert(*shared_args) for _ in range(config.num_shared_experts)])
             if config.num_shared_experts > 0
             else None
         )

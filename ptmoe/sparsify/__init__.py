@@ -1,0 +1,23 @@
+"""Sparse inference from a dense model: split its FFNs into experts, fit routers, recover by distillation.
+
+    dense BERT / T5 ──► ptmoe.upcycle(method="partition", partition="coactivation", num_shared_neurons=S,
+                                      combine_weights="ones", calibration=texts)       split (ptmoe/upcycling.py)
+                    ──► ptmoe.fit_routers(model, texts)      routers predict each expert's activation mass
+                    ──► ptmoe.distill(model, dense, texts)   layer-wise + output distillation (ptmoe/compress)
+                    ──► ptmoe.sparsify(...) / `ptmoe sparsify` does all three and saves
+
+The split strategies live with the other expert initialisations in `ptmoe/upcycling.py`; this package holds
+what needs text: calibration statistics, router fitting and the one-call pipeline.
+"""
+
+from .calibration import collect_ffn_activations
+from .data import load_texts, resolve_tokenizer
+from .routers import expert_activation_mass, fit_routers
+
+__all__ = [
+    "collect_ffn_activations",
+    "expert_activation_mass",
+    "fit_routers",
+    "load_texts",
+    "resolve_tokenizer",
+]

@@ -287,3 +287,67 @@ def test_fit_routers_bad_input(tmp_path, dense_bert):
     no_tokenizer = split(dense_model("BertForMaskedLM", bert_config()), combine_weights="ones")
     with pytest.raises(ValueError, match="tokenizer="):
         ptmoe.fit_routers(no_tokenizer, TEXTS, steps=5, progress=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 4. Distillation
+# --------------------------------------------------------------------------------------------------------------
+HELD_OUT = [" ".join(reversed(t.split())) for t in TEXTS[:10]]
+
+
+@pytest.fixture
+def strong_teacher(dense_bert):
+    """The dense BERT with FFN weights large enough that dropping neurons changes its outputs clearly."""
+    with torch.no_grad():
+        for layer in dense_bert.bert.encoder.layer:
+            layer.intermediate.dense.weight.mul_(10)
+            layer.output.dense.weight.mul_(10)
+    return dense_bert
+
+
+def sparse_student(dense_bert):
+    return split(dense_bert, num_experts_per_tok=1, combine_weights="ones", router_init="normal")
+
+
+def test_distillation_lowers_the_student_teacher_gap_on_held_out_text(strong_teacher):
+    from ptmoe.compress import student_teacher_gap
+
+    dense_bert = strong_teacher
+    student = sparse_student(dense_bert)
+    before = student_teacher_gap(student, dense_bert, HELD_OUT)
+    ptmoe.distill(student, dense_bert, TEXTS, steps=30, learning_rate=2e-3, progress=False)
+    after = student_teacher_gap(student, dense_bert, HELD_OUT)
+    assert after < 0.7 * before
+    assert not any(p.requires_grad for p in dense_bert.parameters())
+
+
+def test_distillation_with_lora_per_expert_trains_only_adapters(strong_teacher):
+    from peft import get_peft_model
+
+    from ptmoe.compress import student_teacher_gap
+
+    dense_bert = strong_teacher
+    student = sparse_student(dense_bert)
+    frozen = {k: v.clone() for k, v in student.state_dict().items()}
+    peft_model = get_peft_model(student, ptmoe.expert_lora_config(student, r=4))
+    before = student_teacher_gap(peft_model, dense_bert, HELD_OUT)
+    ptmoe.distill(peft_model, dense_bert, TEXTS, steps=30, learning_rate=5e-3, progress=False)
+    assert student_teacher_gap(peft_model, dense_bert, HELD_OUT) < before
+    merged = peft_model.merge_and_unload()
+    changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, frozen[k])]
+    assert changed and all(".experts." in k for k in changed)
+
+
+def test_distillation_refuses_a_teacher_of_another_shape(dense_bert):
+    student = sparse_student(dense_bert)
+    wider = dense_model("BertForMaskedLM", bert_config(hidden_size=48))
+    with pytest.raises(ValueError, match="teacher's hidden size"):
+        ptmoe.distill(student, wider, TEXTS, steps=1, progress=False)
+    other_vocab = dense_model("BertForMaskedLM", bert_config(vocab_size=120))
+    with pytest.raises(ValueError, match="teacher's vocabulary"):
+        ptmoe.distill(student, other_vocab, TEXTS, steps=1, progress=False)
+    deeper = dense_model("BertForMaskedLM", bert_config(num_hidden_layers=3))
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        ptmoe.distill(student, deeper, TEXTS, steps=1, progress=False)
+    with pytest.raises(ValueError, match="no non-empty text"):
+        ptmoe.distill(student, dense_bert, ["  "], steps=1, progress=False)

@@ -47,7 +47,7 @@ from .quantization import (
     quantizable_linears,
     quantize_dynamic_int8,
 )
-from .sparsify import fit_routers
+from .sparsify import fit_routers, sparsify
 from .upcycling import SUPPORTED_ARCHITECTURES, UPCYCLING_METHODS, save_upcycled, upcycle
 from .zoo import ZooEntry, create_model, get_model_info, list_models
 
@@ -63,7 +63,6 @@ _LAZY_EXPORTS = {
     "routing_statistics": "telemetry",
     "plot_expert_load": "telemetry",
     "distill": "compress.distillation",
-    "sparsify": "sparsify.pipeline",
 }
 
 

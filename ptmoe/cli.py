@@ -77,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_upcycle_arguments(upcycle)
     upcycle.set_defaults(func=run_upcycle_command)
 
+    # ptmoe sparsify: dense checkpoint → split → fit routers → distil → save (ptmoe/sparsify/pipeline.py)
+    from .sparsify.pipeline import add_sparsify_arguments, run_sparsify_command
+
+    sparsify = commands.add_parser(
+        "sparsify", help="make a dense BERT/T5 cheaper to run: split FFNs into experts, fit routers, distil"
+    )
+    add_sparsify_arguments(sparsify)
+    sparsify.set_defaults(func=run_sparsify_command)
+
     # ptmoe convert-switch SRC OUT: transformers SwitchTransformers checkpoint → MoE-T5 folder (ptmoe/convert.py).
     def _cmd_convert_switch(args: argparse.Namespace) -> int:
         from .convert import convert_switch_to_folder

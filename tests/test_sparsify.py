@@ -215,7 +215,9 @@ def subspace_model(tmp_path):
     with torch.no_grad():
         for e, expert in enumerate(block.experts):
             direction = torch.zeros(32)
-            direction[8 * e : 8 * e + 8] = torch.nn.functional.normalize(torch.randn(8, generator=generator), dim=0)
+            direction[8 * e : 8 * e + 8] = torch.nn.functional.normalize(
+                torch.randn(8, generator=generator), dim=0
+            )
             # Every neuron of expert e detects the same direction of its subspace: mass_e = c · relu(u_e·x + 2).
             expert.wi.weight.copy_(scales * direction)
             expert.wi.bias.copy_(2.0 * scales.squeeze(-1))
@@ -276,7 +278,9 @@ def test_fit_routers_bad_input(tmp_path, dense_bert):
         ptmoe.fit_routers(model, tmp_path / "nope.txt", steps=5, progress=False)
     with pytest.raises(ValueError, match="steps"):
         ptmoe.fit_routers(model, TEXTS, steps=0, progress=False)
-    dense_as_moe = ptmoe.MoeBertForMaskedLM(ptmoe.MoeBertConfig(**{**bert_config().to_dict(), "moe_layers": []}))
+    dense_as_moe = ptmoe.MoeBertForMaskedLM(
+        ptmoe.MoeBertConfig(**{**bert_config().to_dict(), "moe_layers": []})
+    )
     with pytest.raises(ValueError, match="no MoE layers"):
         ptmoe.fit_routers(dense_as_moe, TEXTS, steps=5, progress=False)
     with pytest.raises(ValueError, match="no MoE layers"):
@@ -351,3 +355,91 @@ def test_distillation_refuses_a_teacher_of_another_shape(dense_bert):
         ptmoe.distill(student, deeper, TEXTS, steps=1, progress=False)
     with pytest.raises(ValueError, match="no non-empty text"):
         ptmoe.distill(student, dense_bert, ["  "], steps=1, progress=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 5. One command: `ptmoe sparsify`
+# --------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def sparsified(tmp_path, strong_teacher, capsys):
+    from ptmoe.cli import main as cli_main
+
+    strong_teacher.save_pretrained(tmp_path / "dense")
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text("\n".join(TEXTS), encoding="utf-8")
+    out = tmp_path / "sparse"
+    code = cli_main(
+        ["sparsify", "--base", str(tmp_path / "dense"), "--experts", "4", "--top-k", "1", "--shared-neurons", "4",
+         "--calibration", str(calibration), "--fit-steps", "20", "--distill-steps", "5", "--out", str(out),
+         "--no-progress"]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0
+    return out, printed, calibration
+
+
+def test_sparsify_command_saves_a_model_that_reloads_everywhere(sparsified, tmp_path):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer, BitsAndBytesConfig
+
+    from conftest import run_without_ptmoe
+
+    out, printed, _ = sparsified
+    assert "active FFN share: 0.333" in printed  # (4 shared + 1 · 32/4) / 36
+    assert "distilled: hidden_cosine" in printed and "top1_agreement" in printed
+    model = AutoModelForMaskedLM.from_pretrained(out)
+    assert type(model).__name__ == "MoeBertForMaskedLM"
+    assert model.config.combine_weights == "ones" and model.config.num_shared_experts == 1
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    encoded = tokenizer(TEXTS[:2], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**encoded).logits
+    quantized = AutoModelForMaskedLM.from_pretrained(
+        out, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    )
+    assert any("Linear4bit" in type(m).__name__ for m in quantized.modules())
+    torch.save(expected, tmp_path / "expected.pt")
+    run_without_ptmoe(
+        f"""
+        import torch
+        from transformers import AutoModelForMaskedLM, AutoTokenizer
+        model = AutoModelForMaskedLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
+        tokenizer = AutoTokenizer.from_pretrained({str(out)!r})
+        encoded = tokenizer({TEXTS[:2]!r}, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**encoded).logits
+        torch.testing.assert_close(logits, torch.load({str(tmp_path / "expected.pt")!r}), atol=1e-5, rtol=1e-5)
+        """,
+        tmp_path,
+    )
+
+
+def test_sparsify_command_bad_input(sparsified, tmp_path, capsys):
+    from ptmoe.cli import main as cli_main
+
+    out, _, calibration = sparsified
+    before = sorted(p.name for p in out.iterdir())
+    base = [
+        "sparsify",
+        "--base",
+        str(tmp_path / "dense"),
+        "--calibration",
+        str(calibration),
+        "--experts",
+        "4",
+    ]
+    assert cli_main([*base, "--out", str(out), "--top-k", "1"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing overwritten
+    assert cli_main([*base, "--out", str(tmp_path / "new1"), "--top-k", "5"]) == 2
+    assert "--top-k (5) cannot be larger than --experts (4)" in capsys.readouterr().err
+    assert cli_main([*base, "--out", str(tmp_path / "new2"), "--shared-neurons", "36"]) == 2
+    assert "num_shared_neurons" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    dense = str(tmp_path / "dense")
+    assert (
+        cli_main(["sparsify", "--base", dense, "--calibration", str(empty), "--out", str(tmp_path / "new3")])
+        == 2
+    )
+    assert "no non-empty text" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in ("new1", "new2", "new3"))

@@ -87,19 +87,25 @@ def distillation_loss(
             mask = mask.bool() if mask is not None else torch.ones(s_logits.shape[:2], dtype=torch.bool)
             log_p_student = F.log_softmax(s_logits[mask].float() / temperature, dim=-1)
             p_teacher = F.softmax(t_logits[mask].float() / temperature, dim=-1)
-            loss = loss + output_weight * temperature**2 * F.kl_div(log_p_student, p_teacher, reduction="batchmean")
+            loss = loss + output_weight * temperature**2 * F.kl_div(
+                log_p_student, p_teacher, reduction="batchmean"
+            )
         else:
             mask = attention_mask.bool()
-            loss = loss + output_weight * F.mse_loss(student_hidden[-1][mask].float(), teacher_hidden[-1][mask].float())
+            loss = loss + output_weight * F.mse_loss(
+                student_hidden[-1][mask].float(), teacher_hidden[-1][mask].float()
+            )
     return loss
 
 
 def _forward(model, batch: dict, output_router_losses: bool | None = None):
     inputs = dict(batch)
     if getattr(model.config, "is_encoder_decoder", False):
-        inputs["decoder_input_ids"] = model._shift_right(batch["input_ids"]) if hasattr(
-            model, "_shift_right"
-        ) else model.get_base_model()._shift_right(batch["input_ids"])
+        inputs["decoder_input_ids"] = (
+            model._shift_right(batch["input_ids"])
+            if hasattr(model, "_shift_right")
+            else model.get_base_model()._shift_right(batch["input_ids"])
+        )
         inputs["decoder_attention_mask"] = batch["attention_mask"]
     return model(**inputs, output_hidden_states=True)
 
@@ -276,4 +282,7 @@ def distill(
         )
         result = trainer.train()
     student.eval()
-    return {"train_loss": float(result.training_loss), "train_runtime": float(result.metrics["train_runtime"])}
+    return {
+        "train_loss": float(result.training_loss),
+        "train_runtime": float(result.metrics["train_runtime"]),
+    }

@@ -12,9 +12,13 @@ what needs text: calibration statistics, router fitting and the one-call pipelin
 
 from .calibration import collect_ffn_activations
 from .data import load_texts, resolve_tokenizer
+from .pipeline import active_ffn_share, agreement_with_dense, sparsify
 from .routers import expert_activation_mass, fit_routers
 
 __all__ = [
+    "active_ffn_share",
+    "agreement_with_dense",
+    "sparsify",
     "collect_ffn_activations",
     "expert_activation_mass",
     "fit_routers",

@@ -443,3 +443,19 @@ def test_sparsify_command_bad_input(sparsified, tmp_path, capsys):
     )
     assert "no non-empty text" in capsys.readouterr().err
     assert not any((tmp_path / name).exists() for name in ("new1", "new2", "new3"))
+
+
+def test_distill_script_runs_full_and_lora(sparsified, tmp_path):
+    out, _, calibration = sparsified
+    script = load_script("distill")
+    for tuning in ("full", "lora"):
+        metrics = script.main(
+            ["--student_name_or_path", str(out), "--teacher_name_or_path", str(tmp_path / "dense"),
+             "--train_file", str(calibration), "--tuning", tuning, "--max_steps", "2",
+             "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / f"distilled-{tuning}"),
+             "--report_to", "none", "--disable_tqdm", "true"]
+        )  # fmt: skip
+        assert metrics["train_loss"] > 0
+    reloaded = ptmoe.MoeBertForMaskedLM.from_pretrained(tmp_path / "distilled-full")
+    assert reloaded.config.combine_weights == "ones"
+    assert (tmp_path / "distilled-lora" / "adapter_config.json").exists()

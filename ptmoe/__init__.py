@@ -47,7 +47,7 @@ from .quantization import (
     quantizable_linears,
     quantize_dynamic_int8,
 )
-from .sparsify import fit_routers, sparsify
+from .sparsify import fit_routers
 from .upcycling import SUPPORTED_ARCHITECTURES, UPCYCLING_METHODS, save_upcycled, upcycle
 from .zoo import ZooEntry, create_model, get_model_info, list_models
 
@@ -114,7 +114,6 @@ __all__ = [
     "UPCYCLING_METHODS",
     "fit_routers",
     "distill",
-    "sparsify",
     "list_models",
     "create_model",
     "get_model_info",

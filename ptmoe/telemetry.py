@@ -18,7 +18,9 @@ every batch without touching the model. Per MoE layer, over the real (non-paddin
     ``load_entropy``); that combination is the goal of load balancing.
 ``drop_rate``
     share of the ``T · k`` assignments of real tokens that were not dispatched (Switch expert capacity overflow);
-    0 for routers without capacity.
+    0 for routers without capacity (with `router_top_p`, the slots a token did not need count here too).
+``experts_per_token``
+    mean number of routed experts a real token was dispatched to (k, or less with `router_top_p` / drops).
 ``aux_loss`` / ``z_loss``
     load-balancing (`load_balancing_loss`) and router z-loss (`router_z_loss`) recomputed from the
     `RouterOutput`, averaged over forward passes; 0 for routers without parameters (hash), as in the models.
@@ -52,6 +54,7 @@ LAYER_STAT_KEYS = (
     "router_entropy",
     "load_entropy",
     "drop_rate",
+    "experts_per_token",
     "aux_loss",
     "z_loss",
 )
@@ -160,6 +163,7 @@ def summarize_sums(sums: torch.Tensor) -> dict[str, Any]:
         "router_entropy": sums[_ENTROPY_SUM].item() / tokens if tokens > 0 else 0.0,
         "load_entropy": (-torch.special.xlogy(load, load).sum()).item(),
         "drop_rate": 1.0 - sums[_DISPATCHED].item() / assignments if assignments > 0 else 0.0,
+        "experts_per_token": sums[_DISPATCHED].item() / tokens if tokens > 0 else 0.0,
         "aux_loss": sums[_AUX_SUM].item() / forwards if forwards > 0 else 0.0,
         "z_loss": sums[_Z_SUM].item() / forwards if forwards > 0 else 0.0,
         "tokens": int(round(tokens)),

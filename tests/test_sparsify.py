@@ -459,3 +459,74 @@ def test_distill_script_runs_full_and_lora(sparsified, tmp_path):
     reloaded = ptmoe.MoeBertForMaskedLM.from_pretrained(tmp_path / "distilled-full")
     assert reloaded.config.combine_weights == "ones"
     assert (tmp_path / "distilled-lora" / "adapter_config.json").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 6. Dynamic compute: top-p routing
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("combine", ["router", "ones"])
+def test_top_p_router_uses_the_fewest_experts_reaching_p(combine):
+    config = ptmoe.MoeBertConfig(
+        hidden_size=16, num_attention_heads=1, num_experts=6, num_experts_per_tok=3, router_top_p=0.5,
+        combine_weights=combine,
+    )  # fmt: skip
+    block = ptmoe.SparseMoeBlock(config, 16, 4, "gelu").eval()
+    torch.nn.init.normal_(block.router.weight, std=0.5)
+    x = torch.randn(2, 9, 16)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 7:] = False
+    out, routing = block(x, mask)
+    probs = routing.router_probs
+    for b in range(2):
+        for s in range(9):
+            if not mask[b, s]:
+                assert not routing.dispatch_mask[b, s].any()
+                continue
+            ranked = probs[b, s].sort(descending=True).values
+            needed = int((ranked.cumsum(0) < 0.5).sum()) + 1  # brute force: fewest experts reaching 0.5
+            assert int(routing.dispatch_mask[b, s].sum()) == min(needed, 3)
+    # The block computes exactly the dispatched experts with their weights (the token-by-token oracle).
+    reference = torch.zeros_like(out)
+    for b, s, slot in routing.dispatch_mask.nonzero().tolist():
+        expert = block.experts[int(routing.topk_index[b, s, slot])]
+        reference[b, s] += routing.topk_weights[b, s, slot] * expert(x[b, s][None])[0]
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    if combine == "router":  # renormalised over the used experts
+        used = routing.topk_weights * routing.dispatch_mask
+        torch.testing.assert_close(used.sum(-1)[mask], torch.ones(int(mask.sum())))
+
+
+def test_top_p_average_experts_per_token_in_telemetry(tiny_bert_config):
+    from ptmoe.telemetry import routing_statistics
+
+    model = ptmoe.MoeBertModel(
+        tiny_bert_config(num_experts=4, num_experts_per_tok=4, router_top_p=0.6)
+    ).eval()
+    torch.nn.init.normal_(model.encoder.layer[0].moe.router.weight, std=1.0)
+    ids = torch.randint(5, 99, (3, 10), generator=torch.Generator().manual_seed(0))
+    stats = routing_statistics(model, [{"input_ids": ids}])
+    with torch.no_grad():
+        out = model(ids, output_router_logits=True)
+    for index, layer in enumerate(stats.values()):
+        expected = (out.expert_index[index] >= 0).sum(-1).float().mean().item()
+        assert layer["experts_per_token"] == pytest.approx(expected)
+        assert 1 <= layer["experts_per_token"] <= 4
+
+
+def test_top_p_bad_values():
+    with pytest.raises(ValueError, match="router_top_p"):
+        ptmoe.MoeBertConfig(router_top_p=1.5)
+    with pytest.raises(ValueError, match="router_top_p"):
+        ptmoe.MoeBertConfig(router_top_p=0.5, router_type="switch", num_experts_per_tok=1)
+    with pytest.raises(ValueError, match="combine_weights"):
+        ptmoe.MoeBertConfig(combine_weights="mean")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 7. The benchmark's quick mode
+# --------------------------------------------------------------------------------------------------------------
+def test_bench_sparse_quick(tmp_path, capsys):
+    load_script("bench_sparse").main(["--quick", "--threads", "1", "--scratch", str(tmp_path)])
+    printed = capsys.readouterr().out
+    for text in ("BERT (tiny) | int8 | 1/8 shared", "T5 encoder (tiny) | bf16 | 1/4 (E=8, k=2)", "| distilled |"):
+        assert text in printed

@@ -265,6 +265,7 @@ def distill(
             report_to=[],
             save_strategy="no",
             logging_steps=max(1, steps // 10),
+            logging_strategy="steps" if progress else "no",
             disable_tqdm=not progress,
             remove_unused_columns=False,
             use_cpu=not torch.cuda.is_available(),

@@ -51,6 +51,8 @@ class MoeBertConfig(MoeConfigMixin, BertConfig):
         combine_weights (`str`, defaults to `"router"`): `"router"` combines the chosen experts with the
             router's top-k probabilities; `"ones"` sums them (weight 1 each: the router only selects, as in
             MoEfication; used by `ptmoe.sparsify`). `"topk"` and `"noisy_topk"` routers only.
+        router_top_p (`float`, *optional*): dynamic compute: each token uses the fewest experts whose router
+            probability mass reaches `router_top_p`, at most `num_experts_per_tok` (`"topk"`/`"noisy_topk"`).
         router_init (`str`, defaults to `"normal"`): `"normal"` (N(0, initializer_range)) or `"zeros"`.
         output_router_logits (`bool`, defaults to `False`): return per-layer `router_logits` and `expert_index`.
         upcycled_from / upcycling_method / upcycling_seed: provenance written by `ptmoe.upcycle`.
@@ -83,6 +85,7 @@ class MoeBertConfig(MoeConfigMixin, BertConfig):
     expert_intermediate_size: int | None = None
     shared_expert_intermediate_size: int | None = None
     combine_weights: str = "router"
+    router_top_p: float | None = None
     router_init: str = "normal"
     output_router_logits: bool = False
     upcycled_from: str | None = None

@@ -119,6 +119,14 @@ def validate_moe_fields(config) -> None:
         raise ValueError(
             f"`combine_weights='ones'` is for the 'topk' and 'noisy_topk' routers, got router_type={config.router_type!r}"
         )
+    top_p = getattr(config, "router_top_p", None)
+    if top_p is not None:
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise ValueError(f"`router_top_p` must be None or a number in (0, 1], got {top_p!r}")
+        if config.router_type not in ("topk", "noisy_topk"):
+            raise ValueError(
+                f"`router_top_p` is for the 'topk' and 'noisy_topk' routers, got router_type={config.router_type!r}"
+            )
     if config.router_init not in ("normal", "zeros"):
         raise ValueError(f"`router_init` must be 'normal' or 'zeros', got {config.router_init!r}")
     if config.expert_intermediate_size is not None and (
@@ -204,6 +212,7 @@ class TopKRouter(nn.Module):
         norm_topk_prob: bool = True,
         jitter_noise: float = 0.0,
         combine_weights: str = "router",
+        top_p: float | None = None,
     ):
         super().__init__()
         self.num_experts = num_experts
@@ -211,6 +220,7 @@ class TopKRouter(nn.Module):
         self.norm_topk_prob = norm_topk_prob
         self.jitter_noise = jitter_noise
         self.combine_weights = combine_weights
+        self.top_p = top_p
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
 
     def compute_logits(self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
@@ -223,12 +233,20 @@ class TopKRouter(nn.Module):
 
     def select(self, router_probs: torch.Tensor, token_mask: torch.Tensor):
         topk_weights, topk_index = torch.topk(router_probs, self.num_experts_per_tok, dim=-1)  # (B, S, k)
+        dispatch_mask = token_mask.unsqueeze(-1).expand_as(topk_index)
+        top_p = getattr(self, "top_p", None)
+        if top_p is not None:
+            # Dynamic compute (top-p): a slot is used while the mass of the better slots is still below p, so each
+            # token gets the fewest experts whose probability mass reaches p (at least 1, at most k).
+            mass_before = topk_weights.cumsum(dim=-1) - topk_weights  # (B, S, k)
+            used = mass_before < top_p
+            dispatch_mask = dispatch_mask & used
+            topk_weights = topk_weights * used
         if getattr(self, "combine_weights", "router") == "ones":
             # MoEfication: the router only selects; the chosen experts' outputs are summed.
             topk_weights = torch.ones_like(topk_weights)
         elif self.norm_topk_prob:
             topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
-        dispatch_mask = token_mask.unsqueeze(-1).expand_as(topk_index)
         return topk_weights, topk_index, dispatch_mask
 
     def forward(
@@ -321,6 +339,7 @@ class NoisyTopKRouter(TopKRouter):
         num_experts_per_tok: int,
         jitter_noise: float = 0.0,
         combine_weights: str = "router",
+        top_p: float | None = None,
     ):
         super().__init__(
             hidden_size,
@@ -329,6 +348,7 @@ class NoisyTopKRouter(TopKRouter):
             norm_topk_prob=True,
             jitter_noise=jitter_noise,
             combine_weights=combine_weights,
+            top_p=top_p,
         )
         self.noise_weight = nn.Parameter(torch.empty(num_experts, hidden_size))
 
@@ -386,6 +406,7 @@ def build_router(config, hidden_size: int) -> TopKRouter:
             config.norm_topk_prob,
             config.router_jitter_noise,
             getattr(config, "combine_weights", "router"),
+            getattr(config, "router_top_p", None),
         )
     if config.router_type == "switch":
         return SwitchRouter(
@@ -403,6 +424,7 @@ def build_router(config, hidden_size: int) -> TopKRouter:
             config.num_experts_per_tok,
             config.router_jitter_noise,
             getattr(config, "combine_weights", "router"),
+            getattr(config, "router_top_p", None),
         )
     if config.router_type == "hash":
         return HashRouter(config.num_experts, config.vocab_size)

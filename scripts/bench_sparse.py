@@ -197,10 +197,11 @@ def quality(args) -> None:
         train, heldout = texts[: args.train_sentences], texts[args.train_sentences :]
         variants = {
             "1/4 (E=8, k=2)": dict(num_experts=8, num_experts_per_tok=2, num_shared_neurons=0),
-            "1/4 shared (S=192, E=6, k=1)": dict(
-                num_experts=6, num_experts_per_tok=1, num_shared_neurons=192
+            "1/4 shared (S=192, E=7, k=1)": dict(
+                num_experts=7, num_experts_per_tok=1, num_shared_neurons=192
             ),
         }
+    corpus = "synthetic sentences" if args.quick else args.corpus
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     dense = AutoModel.from_pretrained(checkpoint).eval()
     halves = [[], []]
@@ -211,7 +212,7 @@ def quality(args) -> None:
     dense_embeddings = embed(dense, tokenizer, heldout)
     dense_metrics = quality_metrics(dense, dense_embeddings, tokenizer, heldout, halves)
     print(
-        f"\n## Quality: {checkpoint} on {len(train)} training / {len(heldout)} held-out sentences ({args.corpus})"
+        f"\n## Quality: {checkpoint} on {len(train)} training / {len(heldout)} held-out sentences ({corpus})"
     )
     print(f"dense: recall@1 {dense_metrics['recall@1']:.3f}")
     print("| variant | stage | embedding cosine | recall@1 (kept) | wall time |")

@@ -139,7 +139,9 @@ def speed(args) -> None:
                     if name != "dense"
                     else "-"
                 )
-                label = ("BERT" if family == "bert" else "T5 encoder") + (" (tiny)" if args.quick else "-base")
+                label = ("BERT" if family == "bert" else "T5 encoder") + (
+                    " (tiny)" if args.quick else "-base"
+                )
                 print(f"| {label} | {precision} | {name} | {tokens:,.0f} | {ratio} |", flush=True)
 
 
@@ -224,23 +226,33 @@ def quality(args) -> None:
                               **variant)  # fmt: skip
         seconds = time.perf_counter() - start
         share = active_ffn_share(model.config)
-        stages = [("untrained routers", seconds)]
-        rows = {}
-        rows["untrained routers"] = quality_metrics(model, dense_embeddings, tokenizer, heldout, halves)
+
+        def row(stage: str, seconds: float, model=model, name=name, share=share) -> None:
+            metrics = quality_metrics(model, dense_embeddings, tokenizer, heldout, halves)
+            recall = dense_metrics["recall@1"]
+            kept = metrics["recall@1"] / recall if recall else float("nan")
+            print(
+                f"| {name} (active FFN {share:.3f}) | {stage} | {metrics['cosine']:.4f} | "
+                f"{metrics['recall@1']:.3f} ({kept:.1%}) | {seconds:.1f} s |",
+                flush=True,
+            )
+
+        row("untrained routers (split)", seconds)
         start = time.perf_counter()
         ptmoe.fit_routers(model, train, steps=args.fit_steps, tokenizer=tokenizer, progress=False)
-        stages.append(("fitted routers", time.perf_counter() - start))
-        rows["fitted routers"] = quality_metrics(model, dense_embeddings, tokenizer, heldout, halves)
+        row("fitted routers", time.perf_counter() - start)
         start = time.perf_counter()
-        ptmoe.distill(model, dense, train, steps=args.distill_steps, tokenizer=tokenizer,
-                      learning_rate=args.learning_rate, batch_size=args.distill_batch, progress=False)  # fmt: skip
-        stages.append(("distilled", time.perf_counter() - start))
-        rows["distilled"] = quality_metrics(model, dense_embeddings, tokenizer, heldout, halves)
-        for stage, seconds in stages:
-            metrics = rows[stage]
-            kept = metrics["recall@1"] / dense_metrics["recall@1"] if dense_metrics["recall@1"] else float("nan")
-            print(f"| {name} (active FFN {share:.3f}) | {stage} | {metrics['cosine']:.4f} | "
-                  f"{metrics['recall@1']:.3f} ({kept:.1%}) | {seconds:.1f} s |", flush=True)  # fmt: skip
+        ptmoe.distill(
+            model,
+            dense,
+            train,
+            steps=args.distill_steps,
+            tokenizer=tokenizer,
+            learning_rate=args.learning_rate,
+            batch_size=args.distill_batch,
+            progress=False,
+        )
+        row("distilled", time.perf_counter() - start)
 
 
 def _quick_checkpoint(folder: Path, sentences: list[str]) -> Path:

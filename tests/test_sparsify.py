@@ -528,5 +528,25 @@ def test_top_p_bad_values():
 def test_bench_sparse_quick(tmp_path, capsys):
     load_script("bench_sparse").main(["--quick", "--threads", "1", "--scratch", str(tmp_path)])
     printed = capsys.readouterr().out
-    for text in ("BERT (tiny) | int8 | 1/8 shared", "T5 encoder (tiny) | bf16 | 1/4 (E=8, k=2)", "| distilled |"):
+    for text in (
+        "BERT (tiny) | int8 | 1/8 shared",
+        "T5 encoder (tiny) | bf16 | 1/4 (E=8, k=2)",
+        "| distilled |",
+    ):
         assert text in printed
+
+
+def test_fit_routers_and_distill_run_on_t5(tmp_path):
+    from ptmoe.compress import student_teacher_gap
+
+    dense = dense_model("T5ForConditionalGeneration", t5_config("gated-gelu"))
+    tokenizer = write_tokenizer(tmp_path / "tok")
+    moe = split(dense, num_experts_per_tok=2, combine_weights="ones", router_init="normal")
+    before = [b.router.weight.detach().clone() for b in moe.modules() if isinstance(b, ptmoe.SparseMoeBlock)]
+    fits = ptmoe.fit_routers(moe, TEXTS, steps=10, tokenizer=tokenizer, progress=False)
+    assert {name.split(".")[0] for name in fits} == {"encoder", "decoder"}
+    after = [b.router.weight for b in moe.modules() if isinstance(b, ptmoe.SparseMoeBlock)]
+    assert all(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    gap = student_teacher_gap(moe, dense, HELD_OUT, tokenizer=tokenizer)
+    ptmoe.distill(moe, dense, TEXTS, steps=3, tokenizer=tokenizer, learning_rate=1e-3, progress=False)
+    assert student_teacher_gap(moe, dense, HELD_OUT, tokenizer=tokenizer) < gap

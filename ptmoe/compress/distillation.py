@@ -207,7 +207,7 @@ def distill(
     *,
     steps: int = 200,
     tokenizer=None,
-    learning_rate: float = 5e-5,
+    learning_rate: float = 1e-4,
     batch_size: int = 8,
     max_length: int = 128,
     hidden_weight: float = 1.0,

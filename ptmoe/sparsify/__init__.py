@@ -4,7 +4,7 @@
                                       combine_weights="ones", calibration=texts)       split (ptmoe/upcycling.py)
                     ──► ptmoe.fit_routers(model, texts)      routers predict each expert's activation mass
                     ──► ptmoe.distill(model, dense, texts)   layer-wise + output distillation (ptmoe/compress)
-                    ──► ptmoe.sparsify(...) / `ptmoe sparsify` does all three and saves
+                    ──► ptmoe.sparsify.sparsify(...) / `ptmoe sparsify` do all three (and save)
 
 The split strategies live with the other expert initialisations in `ptmoe/upcycling.py`; this package holds
 what needs text: calibration statistics, router fitting and the one-call pipeline.

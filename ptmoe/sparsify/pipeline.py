@@ -72,7 +72,7 @@ def sparsify(
     moe_layers: int | list[int] = 1,
     fit_steps: int = 300,
     distill_steps: int = 200,
-    learning_rate: float = 5e-5,
+    learning_rate: float = 1e-4,
     heldout_fraction: float = 0.1,
     tokenizer=None,
     task: str | None = None,
@@ -88,6 +88,10 @@ def sparsify(
         num_experts / num_experts_per_tok / num_shared_neurons / split: see `ptmoe.upcycle` (method "partition").
         moe_layers (defaults to 1 = every layer): which FFNs to split.
         fit_steps / distill_steps: router-fitting and distillation steps (0 skips distillation).
+        learning_rate (`float`, defaults to 1e-4): distillation learning rate.
+        tokenizer (*optional*): tokenizer for `calibration` (default: the dense checkpoint's).
+        task (`str`, *optional*): which dense head to load (see `ptmoe.upcycle`).
+        seed (`int`): seeds the split, the routers and distillation.
 
     Returns:
         `(model, report)`; the report has `active_ffn_share`, the agreement with the dense model on the held-out
@@ -144,7 +148,6 @@ def sparsify(
         report["seconds"]["distill"] = time.perf_counter() - start
         report["distilled"] = agreement_with_dense(model, dense, heldout_texts, tokenizer)
     model.eval()
-    model._sparsify_tokenizer = tokenizer  # saved beside the weights by the CLI
     return model, report
 
 
@@ -166,7 +169,7 @@ def add_sparsify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--moe-layers", type=_layers_argument, default=1, help="every n-th layer (1 = all)")
     parser.add_argument("--fit-steps", type=int, default=300, help="router-fitting steps per layer")
     parser.add_argument("--distill-steps", type=int, default=200, help="distillation steps (0: none)")
-    parser.add_argument("--learning-rate", type=float, default=5e-5, help="distillation learning rate")
+    parser.add_argument("--learning-rate", type=float, default=1e-4, help="distillation learning rate")
     parser.add_argument("--task", default=None, help="dense head to load (e.g. masked-lm, base)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -197,7 +200,8 @@ def run_sparsify_command(args: argparse.Namespace) -> int:
             seed=args.seed,
             progress=not args.no_progress,
         )
-        out = save_upcycled(model, args.out, tokenizer=model._sparsify_tokenizer, overwrite=args.overwrite)
+        # The tokenizer of `--base` (recorded as `upcycled_from`) is saved beside the weights.
+        out = save_upcycled(model, args.out, overwrite=args.overwrite)
     except (FileExistsError, FileNotFoundError, ValueError) as error:
         print(f"ptmoe sparsify: error: {error}", file=sys.stderr)
         return 2

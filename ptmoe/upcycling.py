@@ -957,12 +957,13 @@ def _check_arguments(
 
 def _warn_if_not_exact(config, method: str) -> None:
     if method == "copy" and (
-        config.router_type == "switch" or (config.router_type == "topk" and not config.norm_topk_prob)
+        config.router_type in ("switch", "expert_choice")
+        or (config.router_type in ("topk", "hierarchical") and not config.norm_topk_prob)
     ):
         logger.warning(
             "method='copy' reproduces the dense model only when each token's combine weights sum to 1 "
-            "(router_type 'topk' with norm_topk_prob=True, 'noisy_topk', 'hash'); with router_type=%r and "
-            "norm_topk_prob=%s the upcycled FFN outputs are scaled by the router probabilities.",
+            "(router_type 'topk' or 'hierarchical' with norm_topk_prob=True, 'noisy_topk', 'hash'); with "
+            "router_type=%r and norm_topk_prob=%s the upcycled FFN outputs are scaled by the router probabilities.",
             config.router_type,
             config.norm_topk_prob,
         )

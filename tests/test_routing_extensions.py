@@ -318,6 +318,17 @@ def test_hierarchical_copy_upcycling_reproduces_the_dense_model():
         )
 
 
+def test_active_parameters_and_model_card_follow_the_router(tiny_bert_config):
+    from ptmoe.cards import _routing_section
+
+    top1 = ptmoe.count_parameters(ptmoe.MoeBertModel(tiny_bert_config(num_experts_per_tok=1)))
+    config = tiny_bert_config(router_type="expert_choice", expert_capacity_factor=1.0)
+    assert ptmoe.count_parameters(ptmoe.MoeBertModel(config)) == top1  # one expert per token on average
+    assert "Expert-choice routing" in _routing_section(config)
+    tree = tiny_bert_config(router_type="hierarchical", router_groups=2)
+    assert "Hierarchical routing" in _routing_section(tree) and "2 groups" in _routing_section(tree)
+
+
 # ------------------------------------------------------------------------------------------------ expert dropout
 
 

@@ -998,6 +998,8 @@ def init_router(module: nn.Module, config, std: float) -> bool:
 def count_parameters(model: nn.Module, num_experts_per_tok: int | None = None) -> dict[str, int]:
     """Total parameters and parameters active per token (one token uses k of the E routed experts).
 
+    In an expert-choice layer k is the mean number of experts per token, its capacity factor (rounded).
+
     Args:
         model (`nn.Module`): a ptmoe model.
         num_experts_per_tok (`int`, *optional*): defaults to `model.config.num_experts_per_tok`.
@@ -1008,7 +1010,10 @@ def count_parameters(model: nn.Module, num_experts_per_tok: int | None = None) -
     for module in model.modules():
         if isinstance(module, SparseMoeBlock):
             per_expert = sum(p.numel() for p in module.experts[0].parameters())
-            inactive += per_expert * (len(module.experts) - k)
+            layer_k = k
+            if num_experts_per_tok is None and isinstance(module.router, ExpertChoiceRouter):
+                layer_k = round(module.router.capacity_factor)
+            inactive += per_expert * (len(module.experts) - layer_k)
     return {"total": total, "active": total - inactive}
 
 

@@ -88,6 +88,20 @@ def test_expert_choice_takes_exactly_its_capacity_of_the_best_real_tokens(
     assert torch.equal(out.expert_index, out.topk_index)
 
 
+@pytest.mark.parametrize(
+    "router",
+    [ExpertChoiceRouter(H, 4, 2.0, jitter_noise=0.1), HierarchicalRouter(H, 8, 2, 4, jitter_noise=0.1)],
+)
+def test_new_routers_compute_in_fp32_and_do_not_change_module_state(router):
+    router = _init(router).train()
+    before = {k: v.clone() for k, v in router.state_dict().items()}
+    hidden, mask = _hidden()
+    out = router(hidden.to(torch.bfloat16), mask)
+    assert out.router_logits.dtype == out.router_probs.dtype == out.topk_weights.dtype == torch.float32
+    after = router.state_dict()
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
+
+
 def test_expert_choice_block_matches_token_by_token_reference():
     config = ptmoe.MoeBertConfig(
         hidden_size=H, num_experts=4, router_type="expert_choice", num_shared_experts=1
@@ -329,6 +343,26 @@ def test_active_parameters_and_model_card_follow_the_router(tiny_bert_config):
     assert "Hierarchical routing" in _routing_section(tree) and "2 groups" in _routing_section(tree)
 
 
+def test_upcycle_command_passes_the_routing_options(tmp_path, capsys):
+    from transformers import BertConfig, BertForMaskedLM
+
+    from ptmoe.cli import main as cli_main
+
+    dense_config = {
+        k: v for k, v in TINY_BERT.items() if k not in ("num_experts", "num_experts_per_tok", "moe_layers")
+    }
+    BertForMaskedLM(BertConfig(**dense_config)).save_pretrained(tmp_path / "dense")
+    argv = ["upcycle", "--base", str(tmp_path / "dense"), "--experts", "4", "--no-progress"]
+    argv += ["--router", "hierarchical", "--router-groups", "2", "--expert-dropout", "0.4"]
+    assert cli_main([*argv, "--out", str(tmp_path / "moe")]) == 0
+    config = ptmoe.MoeBertConfig.from_pretrained(tmp_path / "moe")
+    assert (config.router_type, config.router_groups, config.expert_dropout) == ("hierarchical", 2, 0.4)
+    bad = ["upcycle", "--base", str(tmp_path / "dense"), "--experts", "4", "--router", "hierarchical"]
+    assert cli_main([*bad, "--router-groups", "3", "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
+    assert "must divide `num_experts`" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 # ------------------------------------------------------------------------------------------------ expert dropout
 
 
@@ -409,6 +443,7 @@ def test_training_arguments_expose_expert_dropout(tmp_path, tiny_bert_config):
         (dict(router_type="hierarchical", router_groups=0), "router_groups"),
         (dict(router_groups=2), "apply to `router_type='hierarchical'`"),
         (dict(router_type="expert_choice", expert_capacity_factor=0), "expert_capacity_factor"),
+        (dict(expert_capacity_factor=2.0), "applies to `router_type='expert_choice'` only"),
         (dict(expert_dropout=1.0), "expert_dropout"),
         (dict(expert_dropout=-0.1), "expert_dropout"),
     ],

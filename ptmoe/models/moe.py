@@ -127,6 +127,12 @@ def validate_routing_extensions(config) -> None:
     capacity = getattr(config, "expert_capacity_factor", None)
     if capacity is not None and (not _is_number(capacity) or capacity <= 0):
         raise ValueError(f"`expert_capacity_factor` must be None or a number > 0, got {capacity!r}")
+    router_types = (config.router_type, getattr(config, "decoder_router_type", None))
+    if capacity is not None and "expert_choice" not in router_types:
+        raise ValueError(
+            f"`expert_capacity_factor` applies to `router_type='expert_choice'` only (got router_type="
+            f"{config.router_type!r}); the Switch router's capacity is `capacity_factor`"
+        )
     dropout = getattr(config, "expert_dropout", None)
     if dropout is not None and (not _is_number(dropout) or not 0 <= dropout < 1):
         raise ValueError(f"`expert_dropout` must be None or a number in [0, 1), got {dropout!r}")
@@ -135,7 +141,7 @@ def validate_routing_extensions(config) -> None:
     for name, value in (("router_groups", groups), ("num_groups_per_tok", groups_per_tok)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
-    if "hierarchical" not in (config.router_type, getattr(config, "decoder_router_type", None)):
+    if "hierarchical" not in router_types:
         if groups != 1 or groups_per_tok != 1:
             raise ValueError(
                 f"`router_groups` / `num_groups_per_tok` apply to `router_type='hierarchical'` only; got "

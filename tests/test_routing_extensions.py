@@ -453,6 +453,15 @@ def test_bad_routing_fields_are_refused(overrides, message, tiny_bert_config):
         tiny_bert_config(**overrides)
 
 
+def test_decoder_router_fields_are_checked_for_the_decoder():
+    with pytest.raises(ValueError, match="must divide `num_experts`"):
+        ptmoe.MoeT5Config(**TINY_T5, decoder_router_type="hierarchical", router_groups=3)
+    with pytest.raises(ValueError, match="a group has only"):
+        ptmoe.MoeT5Config(**TINY_T5, decoder_router_type="hierarchical", router_groups=4)
+    with pytest.raises(ValueError, match="num_experts_per_tok=1"):
+        ptmoe.MoeT5Config(**TINY_T5, decoder_router_type="switch")
+
+
 def test_expert_choice_in_a_decoder_is_refused():
     with pytest.raises(ValueError, match="only works in encoders.*generate"):
         ptmoe.MoeT5Config(**TINY_T5, router_type="expert_choice")  # decoder MoE layers by default

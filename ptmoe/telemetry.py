@@ -459,7 +459,8 @@ def routing_statistics(
 
     Returns:
         `dict` layer name → `{"load": list[float], "load_std", "load_max", "router_entropy", "load_entropy",
-        "drop_rate", "aux_loss", "z_loss": float, "tokens": int}`.
+        "drop_rate", "experts_per_token", "unrouted_rate", "aux_loss", "z_loss": float, "tokens": int}`, plus
+        `"group_load": list[float]` for hierarchical routers.
     """
     blocks = find_moe_blocks(model)
     if not blocks:

@@ -115,6 +115,14 @@ def validate_moe_fields(config) -> None:
     validate_routing_extensions(config)
 
 
+EXPERT_CHOICE_DECODER_ERROR = (
+    "`router_type='expert_choice'` needs every token of a sequence before routing (each expert picks its "
+    "top tokens), so it only works in encoders: a decoder (and every `generate()` step) sees one token at a time "
+    "and would leak future tokens. For MoE-T5 set `decoder_router_type` (e.g. 'topk', as Sparse Upcycling does) or "
+    "`decoder_moe_layers=[]`."
+)
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -207,14 +215,6 @@ def validate_decoder_router(config, has_decoder_moe: bool) -> None:
         raise ValueError(EXPERT_CHOICE_DECODER_ERROR)
 
 
-EXPERT_CHOICE_DECODER_ERROR = (
-    "`router_type='expert_choice'` needs every token of a sequence before routing (each expert picks its "
-    "top tokens), so it only works in encoders: a decoder (and every `generate()` step) sees one token at a time "
-    "and would leak future tokens. For MoE-T5 set `decoder_router_type` (e.g. 'topk', as Sparse Upcycling does) or "
-    "`decoder_moe_layers=[]`."
-)
-
-
 # Switch Transformer recipe (Fedus et al. 2021; z-loss from ST-MoE, Zoph et al. 2022): top-1 routing with an
 # expert capacity, token dropping, jitter, aux loss 1e-2 and z-loss 1e-3.
 SWITCH_PRESET = {
@@ -263,7 +263,7 @@ class RouterOutput:
             G expert groups (`router_logits` / `router_probs` of shape `(B, S, G)`, `topk_index` / `topk_weights` of
             shape `(B, S, groups per token)`).
         expert_logits (`torch.FloatTensor` of shape `(B, S, E)`, *optional*): hierarchical routing only: the raw
-            expert-gate logits, normalised within each group (`router_logits` then holds log(router_probs)).
+            expert-gate logits, whose softmax runs within each group (`router_logits` then holds log(router_probs)).
     """
 
     router_logits: torch.Tensor
@@ -475,8 +475,11 @@ class ExpertChoiceRouter(TopKRouter):
 
     Encoder only: the choice depends on every token of the sequence, which a decoder (and `generate()`) does not
     have. The decision is expressed as a `RouterOutput` with E slots: slot e holds expert e when e picked the token
-    and -1 otherwise, so `SparseMoeBlock` dispatches it like any other router.
+    and -1 otherwise (up to E experts per token: the paper's uncapped variant), so `SparseMoeBlock` dispatches it
+    like any other router.
     """
+
+    expert_choice = True
 
     def __init__(self, hidden_size: int, num_experts: int, capacity_factor: float, jitter_noise: float = 0.0):
         super().__init__(
@@ -492,7 +495,7 @@ class ExpertChoiceRouter(TopKRouter):
         return torch.minimum(capacity, real_tokens)
 
     def select(self, router_probs: torch.Tensor, token_mask: torch.Tensor):
-        batch_size, seq_len, num_experts = router_probs.shape
+        seq_len, num_experts = router_probs.shape[1:]
         # Probabilities are >= 0, so -1 puts padding after every real token of the sequence.
         scores = router_probs.masked_fill(~token_mask.unsqueeze(-1), -1.0).transpose(1, 2)  # (B, E, S)
         order = torch.sort(scores, dim=-1, descending=True, stable=True).indices  # (B, E, S)
@@ -503,8 +506,6 @@ class ExpertChoiceRouter(TopKRouter):
         topk_index = experts.masked_fill(~chosen, -1)  # (B, S, E): slot e = expert e or -1
         topk_weights = router_probs * chosen
         return topk_weights, topk_index, chosen
-
-    expert_choice = True
 
 
 class HierarchicalRouter(TopKRouter):
@@ -542,7 +543,6 @@ class HierarchicalRouter(TopKRouter):
     def forward(
         self, hidden_states: torch.Tensor, token_mask: torch.Tensor, input_ids: torch.Tensor | None = None
     ) -> RouterOutput:
-        batch_size, seq_len, _ = hidden_states.shape
         groups, group_size = self.num_groups, self.num_experts // self.num_groups
         groups_per_tok = self.num_groups_per_tok
         experts_per_group = self.num_experts_per_tok // groups_per_tok

@@ -535,7 +535,11 @@ def plot_expert_load(
             if not np.isnan(value):
                 color = "black" if value > 0.6 * vmax else "white"  # readable on viridis' light end
                 ax.text(col, row, f"{value:.2f}", ha="center", va="center", color=color, fontsize=7)
-    fig.colorbar(image, ax=ax, label="token share")
+    groups = {len(stats[layer].get("group_load", [])) for layer in layers}
+    if len(groups) == 1 and (num_groups := groups.pop()) > 1:  # hierarchical routers: mark the expert groups
+        for boundary in range(1, num_groups):
+            ax.axvline(boundary * num_experts / num_groups - 0.5, color="red", linewidth=1.5)
+        fig.colorbar(image, ax=ax, label="token share")
     ax.set_title(
         f"{title or 'Expert load per MoE layer'}\n(balanced = 1/{num_experts} = {1.0 / num_experts:.3f})"
     )

@@ -287,7 +287,7 @@ def test_hierarchical_losses_average_the_two_levels():
     assert router.group_weight.grad.abs().sum() > 0 and router.weight.grad.abs().sum() > 0
 
 
-def test_hierarchical_telemetry_reports_group_and_expert_load(tiny_bert_config):
+def test_hierarchical_telemetry_reports_group_and_expert_load(tiny_bert_config, tmp_path):
     from ptmoe.telemetry import routing_statistics
 
     model = ptmoe.MoeBertModel(
@@ -305,6 +305,9 @@ def test_hierarchical_telemetry_reports_group_and_expert_load(tiny_bert_config):
         assert layer["group_load"] == pytest.approx((groups / groups.sum()).tolist())
         assert sum(layer["group_load"]) == pytest.approx(1.0)
         assert layer["experts_per_token"] == 2.0 and layer["unrouted_rate"] == 0.0
+    from ptmoe.telemetry import plot_expert_load
+
+    assert plot_expert_load(stats, tmp_path / "load.png").stat().st_size > 0  # groups marked on the heatmap
 
 
 def test_hierarchical_copy_upcycling_reproduces_the_dense_model():
@@ -425,6 +428,15 @@ def test_training_arguments_expose_expert_dropout(tmp_path, tiny_bert_config):
     } == {0.4}
     with pytest.raises(ValueError, match="--expert_dropout"):
         ModelArguments(str(tmp_path), expert_dropout=1.5)
+    # upcycling on the fly: the field goes to the MoE config, not to the dense checkpoint's
+    from transformers import BertConfig, BertForMaskedLM
+
+    dense_config = {
+        k: v for k, v in TINY_BERT.items() if k not in ("num_experts", "num_experts_per_tok", "moe_layers")
+    }
+    BertForMaskedLM(BertConfig(**dense_config)).save_pretrained(tmp_path / "dense")
+    args = ModelArguments(str(tmp_path / "dense"), upcycle_experts=4, expert_dropout=0.4)
+    assert load_model(args, "masked-lm").config.expert_dropout == 0.4
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -350,6 +350,26 @@ def _routing_section(config) -> str:
             "Hash routing (Roller et al. 2021): each token id is assigned to fixed experts by a deterministic table; "
             "the router has no trainable parameters and no routing loss."
         )
+    if config.router_type == "expert_choice":
+        capacity = getattr(config, "expert_capacity_factor", None) or config.num_experts_per_tok
+        decoder = getattr(config, "decoder_router_type", None)
+        return (
+            "Expert-choice routing (Zhou et al. 2022) in the encoder: in every sequence each of the "
+            f"{config.num_experts} experts takes the {capacity} × (tokens ÷ experts) tokens it scores highest (a "
+            "router computed in fp32) and weights its output by that score, so every expert does the same work and a "
+            f"token uses {capacity} experts on average (possibly none: the residual connection carries it). "
+            + (f"The decoder routes with `{decoder}` token choice. " if decoder else "")
+            + f"Training adds the router z-loss (coefficient {config.router_z_loss_coef}); no load-balancing loss is "
+            "needed."
+        )
+    if config.router_type == "hierarchical":
+        groups, per_tok = config.router_groups, config.num_groups_per_tok
+        return (
+            f"Hierarchical routing (Jordan & Jacobs 1994): the {config.num_experts} experts form {groups} groups; a "
+            f"group gate picks {per_tok} group(s) per token, then an expert gate picks "
+            f"{config.num_experts_per_tok // per_tok} expert(s) inside each, and an expert's output is weighted by "
+            f"the product of the two gates (both computed in fp32). {losses} Both are averaged over the two levels."
+        )
     noisy = " with learned Gaussian noise on the router logits in training (Shazeer et al. 2017)" * (
         config.router_type == "noisy_topk"
     )

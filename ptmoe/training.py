@@ -98,6 +98,13 @@ class ModelArguments:
     router_telemetry: bool = field(
         default=True, metadata={"help": "Log router statistics per MoE layer and plot expert load."}
     )
+    expert_dropout: float | None = field(
+        default=None,
+        metadata={
+            "help": "Dropout inside the experts only (Switch Transformer fine-tuning uses 0.4 there, 0.1 elsewhere); "
+            "default: the checkpoint's `expert_dropout`."
+        },
+    )
 
     def __post_init__(self):
         if self.tuning not in TUNING_CHOICES:
@@ -107,6 +114,8 @@ class ModelArguments:
             raise ValueError(f"--upcycle_experts must be >= 2, got {self.upcycle_experts}")
         if self.lora_r < 1:
             raise ValueError(f"--lora_r must be >= 1, got {self.lora_r}")
+        if self.expert_dropout is not None and not 0 <= self.expert_dropout < 1:
+            raise ValueError(f"--expert_dropout must be in [0, 1), got {self.expert_dropout}")
 
 
 @dataclass
@@ -1326,6 +1335,8 @@ def load_model(model_args: ModelArguments, task: str, label_mapping: LabelMappin
         kwargs.update(label_mapping.model_kwargs())
     if model_args.ignore_mismatched_sizes:
         kwargs["ignore_mismatched_sizes"] = True
+    if model_args.expert_dropout is not None:  # a config override, for loading and for upcycling alike
+        kwargs["expert_dropout"] = model_args.expert_dropout
 
     if config.model_type not in _MOE_MODEL_TYPES:
         if model_args.upcycle_experts is None:
@@ -1338,6 +1349,7 @@ def load_model(model_args: ModelArguments, task: str, label_mapping: LabelMappin
                 "QLoRA loads the checkpoint in 4 bits and cannot upcycle on the fly: upcycle first (`ptmoe upcycle` "
                 "or `ptmoe.upcycle(...).save_pretrained(folder)`), then pass that folder with --tuning qlora."
             )
+        expert_dropout = kwargs.pop("expert_dropout", None)  # a MoE field: not for the dense config
         dense, loading_info = auto_class.from_pretrained(
             model_args.model_name_or_path, output_loading_info=True, **kwargs
         )
@@ -1345,6 +1357,8 @@ def load_model(model_args: ModelArguments, task: str, label_mapping: LabelMappin
             "num_experts": model_args.upcycle_experts,
             "num_experts_per_tok": model_args.upcycle_experts_per_tok,
         }
+        if expert_dropout is not None:
+            upcycle_kwargs["expert_dropout"] = expert_dropout
         if model_args.upcycle_method is not None:
             upcycle_kwargs["method"] = model_args.upcycle_method
         model = ptmoe.upcycle(dense, progress=False, **upcycle_kwargs)

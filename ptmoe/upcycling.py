@@ -59,7 +59,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, PreTrainedModel
 
-from .models.moe import count_parameters
+from .models.moe import ROUTER_TYPES, count_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -957,12 +957,13 @@ def _check_arguments(
 
 def _warn_if_not_exact(config, method: str) -> None:
     if method == "copy" and (
-        config.router_type == "switch" or (config.router_type == "topk" and not config.norm_topk_prob)
+        config.router_type in ("switch", "expert_choice")
+        or (config.router_type in ("topk", "hierarchical") and not config.norm_topk_prob)
     ):
         logger.warning(
             "method='copy' reproduces the dense model only when each token's combine weights sum to 1 "
-            "(router_type 'topk' with norm_topk_prob=True, 'noisy_topk', 'hash'); with router_type=%r and "
-            "norm_topk_prob=%s the upcycled FFN outputs are scaled by the router probabilities.",
+            "(router_type 'topk' or 'hierarchical' with norm_topk_prob=True, 'noisy_topk', 'hash'); with "
+            "router_type=%r and norm_topk_prob=%s the upcycled FFN outputs are scaled by the router probabilities.",
             config.router_type,
             config.norm_topk_prob,
         )
@@ -1017,7 +1018,9 @@ def upcycle(
             indices). For T5 it is the default of both `encoder_moe_layers` and `decoder_moe_layers`.
         encoder_moe_layers / decoder_moe_layers (`int` or `list[int]`, *optional*): T5 only; `[]` for none.
         method (`str`, defaults to `"copy"`): "copy", "noise", "drop" or "partition".
-        router_type (`str`, defaults to `"topk"`): "topk", "switch", "noisy_topk" or "hash".
+        router_type (`str`, defaults to `"topk"`): one of `ptmoe.ROUTER_TYPES` ("topk", "switch", "noisy_topk",
+            "hash", "expert_choice", "hierarchical"); their fields (`router_groups`, `expert_capacity_factor`,
+            `decoder_router_type`, …) go in `moe_config_overrides`.
         seed (`int`, defaults to 0): seeds every random choice (noise, dropped neurons, partition, routers).
         router_init (`str`, *optional*): "normal" (N(0, initializer_range), lets the router pick different
             experts from the start) or "zeros" (uniform routing). Defaults to "zeros" for "partition" (needed for
@@ -1262,7 +1265,26 @@ def add_upcycle_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--encoder-moe-layers", type=_layers_argument, default=None, help="T5 only")
     parser.add_argument("--decoder-moe-layers", type=_layers_argument, default=None, help="T5 only")
-    parser.add_argument("--router", choices=("topk", "switch", "noisy_topk", "hash"), default="topk")
+    parser.add_argument("--router", choices=ROUTER_TYPES, default="topk")
+    parser.add_argument(
+        "--router-groups",
+        type=int,
+        default=None,
+        help="hierarchical router: expert groups (must divide --experts)",
+    )
+    parser.add_argument(
+        "--groups-per-token", type=int, default=None, help="hierarchical router: groups per token"
+    )
+    parser.add_argument(
+        "--expert-capacity-factor",
+        type=float,
+        default=None,
+        help="expert-choice router: mean experts per token",
+    )
+    parser.add_argument(
+        "--decoder-router", choices=ROUTER_TYPES, default=None, help="T5: the decoder's router (e.g. topk)"
+    )
+    parser.add_argument("--expert-dropout", type=float, default=None, help="dropout inside the experts only")
     parser.add_argument("--router-init", choices=("normal", "zeros"), default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--noise-std", type=float, default=0.01, help="method noise: relative noise std")
@@ -1277,6 +1299,24 @@ def add_upcycle_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+_ROUTING_OPTIONS = {
+    "router_groups": "router_groups",
+    "groups_per_token": "num_groups_per_tok",
+    "expert_capacity_factor": "expert_capacity_factor",
+    "decoder_router": "decoder_router_type",
+    "expert_dropout": "expert_dropout",
+}
+
+
+def _routing_overrides(args: argparse.Namespace) -> dict:
+    """The MoE config fields given on the command line (unset options keep the config defaults)."""
+    return {
+        field: getattr(args, option)
+        for option, field in _ROUTING_OPTIONS.items()
+        if getattr(args, option) is not None
+    }
 
 
 def run_upcycle_command(args: argparse.Namespace) -> int:
@@ -1303,6 +1343,7 @@ def run_upcycle_command(args: argparse.Namespace) -> int:
             partition=args.partition,
             task=args.task,
             progress=not args.no_progress,
+            **_routing_overrides(args),
         )
         out = save_upcycled(model, args.out, overwrite=args.overwrite)
     except (FileExistsError, ValueError) as error:

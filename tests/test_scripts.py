@@ -381,3 +381,5 @@ def test_bench_forward_quick(capsys):
     printed = capsys.readouterr().out
     assert "MoE-T5 top-1 generate / dense T5 generate" in printed
     assert "distinct experts per MoE layer and step" in printed
+    assert "MoE-BERT expert choice (c=2) / MoE-BERT top-2" in printed
+    assert "MoE-BERT hierarchical (4x2, top-2) / MoE-BERT top-2" in printed

@@ -90,6 +90,8 @@ def test_statistics_on_a_hand_computed_batch():
     token_entropies = [math.log(2), 0.0, -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]
     assert stats["router_entropy"] == pytest.approx(sum(token_entropies) / 3)
     assert stats["drop_rate"] == pytest.approx(1 / 3)
+    assert stats["experts_per_token"] == pytest.approx(2 / 3)  # 2 dispatched assignments over 3 real tokens
+    assert stats["unrouted_rate"] == pytest.approx(1 / 3)  # the dropped token reached no expert
     mask = routing.token_mask
     expected_aux = load_balancing_loss(routing.router_probs, routing.topk_index, mask).item()
     assert stats["aux_loss"] == pytest.approx(expected_aux)

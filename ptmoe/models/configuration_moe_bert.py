@@ -33,11 +33,22 @@ class MoeBertConfig(MoeConfigMixin, BertConfig):
         moe_layers (`list[int]` or `int`, defaults to 2): 0-based indices of the MoE layers, or a step n
             meaning every n-th layer (layers n-1, 2n-1, …). `None`/`[]`: a dense BERT.
         router_type (`str`, defaults to `"topk"`): `"topk"`, `"switch"` (top-1 with capacity), `"noisy_topk"`
-            (Shazeer et al. 2017) or `"hash"` (fixed routing by token id, Roller et al. 2021).
+            (Shazeer et al. 2017), `"hash"` (fixed routing by token id, Roller et al. 2021), `"expert_choice"`
+            (experts pick tokens, Zhou et al. 2022; encoders only) or `"hierarchical"` (a group gate, then an expert
+            gate within the chosen groups; Jordan & Jacobs 1994).
         capacity_factor (`float`, defaults to 1.25) / eval_capacity_factor (`float`, defaults to 2.0): Switch
             expert capacity in training / eval, as a multiple of the even share of the tokens of a sequence.
         expert_capacity (`int`, *optional*): absolute per-sequence capacity overriding the factors (the format of
             transformers' Switch Transformers checkpoints).
+        expert_capacity_factor (`float`, *optional*): `"expert_choice"`: each expert takes
+            ceil(expert_capacity_factor · real tokens / num_experts) tokens of a sequence, so a token uses
+            expert_capacity_factor experts on average; defaults to `num_experts_per_tok` (the compute of top-k).
+        router_groups (`int`, defaults to 1) / num_groups_per_tok (`int`, defaults to 1): `"hierarchical"`: the
+            experts form `router_groups` groups of num_experts / router_groups consecutive experts; each token picks
+            `num_groups_per_tok` groups, then num_experts_per_tok / num_groups_per_tok experts inside each.
+        expert_dropout (`float`, *optional*): dropout inside every expert, between its projections (Switch
+            Transformer fine-tuning: 0.4 in experts, 0.1 elsewhere). Defaults to 0.0, as BERT's FFN has no dropout
+            between its projections (`hidden_dropout_prob` still acts on the MoE output, outside the experts).
         router_jitter_noise (`float`, defaults to 0.0): multiplicative router input noise in training.
         router_aux_loss_coef (`float`, defaults to 0.01): load-balancing loss coefficient.
         router_z_loss_coef (`float`, defaults to 0.001): router z-loss coefficient.
@@ -78,6 +89,10 @@ class MoeBertConfig(MoeConfigMixin, BertConfig):
     expert_intermediate_size: int | None = None
     router_init: str = "normal"
     output_router_logits: bool = False
+    expert_capacity_factor: float | int | None = None
+    router_groups: int = 1
+    num_groups_per_tok: int = 1
+    expert_dropout: float | int | None = None
     upcycled_from: str | None = None
     upcycling_method: str | None = None
     upcycling_seed: int | None = None

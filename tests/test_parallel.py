@@ -1,0 +1,158 @@
+"""ptmoe models on transformers' distributed engine: tensor parallelism and FSDP2, two CPU processes over gloo.
+
+Two `torchrun --nproc_per_node 2` launches (one per mode) run every case of `parallel_worker.py`: each rank
+compares a sharded model with an unsharded copy (outputs, router logits/choices, routing statistics, generate,
+loss, router losses and gradients). The FSDP launch also trains one step and saves; here the saved checkpoint is
+reloaded in one process and compared with the same step computed without sharding. The module is skipped, with
+the reason, when this machine cannot start the processes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ptmoe
+
+HERE = Path(__file__).resolve().parent
+spec = importlib.util.spec_from_file_location("parallel_worker", HERE / "parallel_worker.py")
+worker = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(worker)
+
+# Shared processes on 2 busy cores: model loading dominates; be generous rather than flaky.
+LAUNCH_TIMEOUT = 900
+TOL = 1e-4  # fp32; sharded matmuls sum in another order
+
+BERT = dict(
+    vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
+    max_position_embeddings=64, num_experts=4, num_experts_per_tok=2, moe_layers=[1], num_shared_experts=1,
+    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, router_importance_loss_coef=0.01,
+)  # fmt: skip
+T5 = dict(
+    vocab_size=100, d_model=32, d_ff=40, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=4,
+    num_experts=4, num_experts_per_tok=2, encoder_moe_layers=[1], decoder_moe_layers=[0, 1], dropout_rate=0.0,
+    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, router_importance_loss_coef=0.01,
+)  # fmt: skip
+CONFIGS = {
+    "bert_mlm": lambda: ptmoe.MoeBertConfig(**BERT),
+    "bert_model": lambda: ptmoe.MoeBertConfig(**BERT),
+    "bert_cls": lambda: ptmoe.MoeBertConfig(**BERT, num_labels=2),
+    "bert_token": lambda: ptmoe.MoeBertConfig(**BERT, num_labels=2),
+    "bert_qa": lambda: ptmoe.MoeBertConfig(**BERT),
+    "t5_gated": lambda: ptmoe.MoeT5Config(**T5, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+    "t5_relu_hash": lambda: ptmoe.MoeT5Config(
+        **{**T5, "num_experts_per_tok": 1}, feed_forward_proj="relu", router_type="hash"
+    ),
+    "t5_model": lambda: ptmoe.MoeT5Config(**T5, feed_forward_proj="relu"),
+    "t5_encoder": lambda: ptmoe.MoeT5Config(**T5, feed_forward_proj="gated-gelu"),
+}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parallel_checkpoints")
+    for name, (class_name, *_) in worker.CASES.items():
+        torch.manual_seed(len(name))
+        model = getattr(ptmoe, class_name)(CONFIGS[name]())
+        model.save_pretrained(root / name)
+    return root
+
+
+def _launch(mode: str, checkpoints: Path, out: Path) -> dict:
+    """Run the worker under torchrun; skip (with the reason) when the processes cannot start."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        str(HERE / "parallel_worker.py"), mode, str(checkpoints), str(out),
+    ]  # fmt: skip
+    try:
+        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        pytest.skip(f"could not run 2 processes with torchrun here: {error}")
+    log = run.stdout[-4000:] + run.stderr[-6000:]
+    if run.returncode != 0 and any(
+        sign in log for sign in ("Address already in use", "DistNetworkError", "Connection refused")
+    ):
+        pytest.skip(f"torchrun could not set up its rendezvous on this machine:\n{log[-1500:]}")
+    assert run.returncode == 0, log
+    return {rank: json.loads((out / f"{mode}_rank{rank}.json").read_text()) for rank in (0, 1)}
+
+
+@pytest.fixture(scope="module")
+def tp_results(checkpoints, tmp_path_factory):
+    return _launch("tp", checkpoints, tmp_path_factory.mktemp("tp"))
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(checkpoints, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    return _launch("fsdp", checkpoints, out), out
+
+
+def _assert_close(results: dict, case: str) -> None:
+    for rank, cases in results.items():
+        facts = cases[case]
+        assert facts["meta.sharded_params"] > 0, f"rank {rank}, {case}: no parameter was sharded"
+        diffs = {key: value for key, value in facts.items() if not key.startswith("meta.")}
+        assert any(key.startswith("eval.") for key in diffs), f"rank {rank} compared nothing for {case}"
+        bad = {key: value for key, value in diffs.items() if not value <= TOL}
+        assert not bad, f"rank {rank}, {case}: sharded and unsharded differ: {bad}"
+
+
+@pytest.mark.parametrize("case", list(worker.CASES))
+def test_tensor_parallel_matches_unsharded(tp_results, case):
+    """tp_size=2: outputs, router logits and choices, routing statistics, generate, loss and gradients."""
+    _assert_close(tp_results, case)
+    if worker.CASES[case][2]:
+        assert "generate.mismatch" in tp_results[0][case]
+    if worker.CASES[case][3]:
+        assert "train.grad" in tp_results[0][case] and tp_results[0][case]["train.grad_missing"] == 0
+
+
+@pytest.mark.parametrize("case", worker.FSDP_CASES)
+def test_fsdp_matches_unsharded(fsdp_run, case):
+    """fsdp_size=2, a batch per rank: per-rank outputs and router losses (not summed over ranks), mean gradients."""
+    results, _ = fsdp_run
+    _assert_close(results, case)
+    assert results[0][case]["train.grad_missing"] == 0
+
+
+@pytest.mark.parametrize("case", ["bert_mlm", "t5_relu_hash"])
+def test_fsdp_step_checkpoint_reloads_in_one_process(fsdp_run, checkpoints, case):
+    """The FSDP-trained step, saved gathered, loads without any process group and equals the unsharded step."""
+    _, out = fsdp_run
+    cls = getattr(ptmoe, worker.CASES[case][0])
+    trained = cls.from_pretrained(out / f"{case}_step")
+    reference = cls.from_pretrained(checkpoints / case)
+    reference.train()
+    for rank in (0, 1):
+        reference(**worker.batch(case, reference.config, rank), return_dict=True).loss.backward()
+    with torch.no_grad():
+        for param in reference.parameters():
+            if param.grad is not None:
+                param -= 0.5 * param.grad / 2
+    expected = reference.state_dict()
+    for key, value in trained.state_dict().items():
+        assert torch.allclose(value, expected[key], atol=TOL), key
+    trained.eval()
+    reference.eval()
+    inputs = worker.batch(case, reference.config, 0)
+    with torch.no_grad():
+        assert torch.allclose(trained(**inputs).logits, reference(**inputs).logits, atol=TOL)

@@ -205,6 +205,21 @@ def run_case(name: str, checkpoint: Path, mode: str, rank: int, out_dir: Path) -
     return result
 
 
+def _expert_parallel_refused(checkpoint: Path) -> bool:
+    """ptmoe declares no expert-parallel plan (README): `ep_size=2` must fail early and say so, not run unsharded."""
+    from transformers.distributed import DistributedConfig
+
+    import ptmoe
+
+    try:
+        ptmoe.MoeBertForMaskedLM.from_pretrained(
+            checkpoint, distributed_config=DistributedConfig(ep_size=2, fsdp_size=2)
+        )
+    except ValueError as error:
+        return "ep_plan" in str(error)
+    return False
+
+
 def main(argv: list[str]) -> None:
     mode, checkpoints, out_dir = argv[0], Path(argv[1]), Path(argv[2])
     torch.set_num_threads(1)
@@ -213,6 +228,10 @@ def main(argv: list[str]) -> None:
     results = {}
     for name in cases:
         results[name] = run_case(name, checkpoints / name, mode, rank, out_dir)
+    if mode == "fsdp":
+        results["expert_parallel"] = {
+            "refused_with_reason": float(_expert_parallel_refused(checkpoints / "bert_mlm"))
+        }
     (out_dir / f"{mode}_rank{rank}.json").write_text(json.dumps(results, indent=1))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()

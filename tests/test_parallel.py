@@ -21,6 +21,13 @@ import pytest
 import torch
 
 import ptmoe
+from ptmoe.parallel import (
+    ACCELERATE_MOE_LAYER_CLS_NAMES,
+    FSDP_LAYER_CLASS_NAMES,
+    fsdp_layer_class_names,
+    moe_leaf_module_classes,
+    set_zero3_leaf_modules,
+)
 
 HERE = Path(__file__).resolve().parent
 spec = importlib.util.spec_from_file_location("parallel_worker", HERE / "parallel_worker.py")
@@ -156,3 +163,102 @@ def test_fsdp_step_checkpoint_reloads_in_one_process(fsdp_run, checkpoints, case
     inputs = worker.batch(case, reference.config, 0)
     with torch.no_grad():
         assert torch.allclose(trained(**inputs).logits, reference(**inputs).logits, atol=TOL)
+
+
+def test_expert_parallelism_is_refused_with_the_reason(fsdp_run):
+    """No `base_model_ep_plan` (per-expert modules, see README): `ep_size=2` fails early naming the missing plan."""
+    results, _ = fsdp_run
+    for rank in (0, 1):
+        assert results[rank]["expert_parallel"]["refused_with_reason"] == 1.0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Plans, DeepSpeed leaf modules and accelerate recipes (one process)
+# --------------------------------------------------------------------------------------------------------------
+REPO = HERE.parent
+RECIPES = REPO / "examples" / "accelerate"
+
+
+@pytest.mark.parametrize("name", ["bert_mlm", "bert_cls", "t5_gated", "t5_relu_hash", "t5_encoder"])
+def test_plans_name_only_existing_modules_and_leave_routers_whole(name):
+    model = getattr(ptmoe, worker.CASES[name][0])(CONFIGS[name]())
+    from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
+
+    names = {replace_layer_number_by_wildcard(n) for n, _ in model.named_modules()}
+    names |= {replace_layer_number_by_wildcard(n) for n, _ in model.named_parameters()}
+    assert model.tp_plan and set(model.tp_plan) <= names
+    assert model.fsdp_plan and set(model.fsdp_plan) <= names
+    assert not any("router" in rule for rule in model.tp_plan)
+    # Every expert projection is split: first projections by columns, `wo` by rows.
+    experts = {rule.rsplit(".", 1)[-1]: style for rule, style in model.tp_plan.items() if ".experts." in rule}
+    assert experts and experts.pop("wo") == "rowwise" and set(experts.values()) == {"colwise"}
+    # FSDP units are whole layers/blocks, never single experts.
+    assert all(rule.endswith(("layer.*", "block.*")) for rule in model.fsdp_plan)
+
+
+def test_moe_leaf_modules_are_the_moe_blocks():
+    bert = ptmoe.MoeBertForMaskedLM(CONFIGS["bert_mlm"]())
+    t5 = ptmoe.MoeT5ForConditionalGeneration(CONFIGS["t5_gated"]())
+    assert moe_leaf_module_classes(bert) == [ptmoe.SparseMoeBlock]
+    assert moe_leaf_module_classes(t5) == [ptmoe.SparseMoeBlock]
+    with pytest.raises(ValueError, match="no SparseMoeBlock"):
+        moe_leaf_module_classes(ptmoe.MoeBertModel(ptmoe.MoeBertConfig(**{**BERT, "moe_layers": []})))
+    # accelerate resolves its `deepspeed_moe_layer_cls_names` value to the same class.
+    from accelerate.utils.dataclasses import get_module_class_from_name
+
+    assert get_module_class_from_name(t5, ACCELERATE_MOE_LAYER_CLS_NAMES) is ptmoe.SparseMoeBlock
+
+
+def test_set_zero3_leaf_modules_marks_every_moe_block():
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
+    from deepspeed.utils import get_z3_leaf_modules
+
+    model = ptmoe.MoeT5ForConditionalGeneration(CONFIGS["t5_gated"]())
+    assert set_zero3_leaf_modules(model) == [ptmoe.SparseMoeBlock]
+    blocks = [m for m in model.modules() if isinstance(m, ptmoe.SparseMoeBlock)]
+    assert len(blocks) == 3 and get_z3_leaf_modules(model) == blocks
+
+
+def test_set_zero3_leaf_modules_without_deepspeed_says_how(monkeypatch):
+    monkeypatch.setitem(sys.modules, "deepspeed", None)
+    monkeypatch.setitem(sys.modules, "deepspeed.utils", None)
+    with pytest.raises(ImportError, match="pip install deepspeed"):
+        set_zero3_leaf_modules(ptmoe.MoeBertForMaskedLM(CONFIGS["bert_mlm"]()))
+
+
+def test_accelerate_recipes_name_ptmoe_classes():
+    import yaml
+
+    recipes = {path.stem: yaml.safe_load(path.read_text()) for path in RECIPES.glob("*.yaml")}
+    assert set(recipes) == {"ddp", "fsdp2_moe_bert", "fsdp2_moe_t5", "deepspeed_zero2", "deepspeed_zero3"}
+    assert recipes["ddp"]["num_processes"] == 2
+    for family, config in (("moe_bert", CONFIGS["bert_mlm"]()), ("moe_t5", CONFIGS["t5_gated"]())):
+        fsdp = recipes[f"fsdp2_{family}"]["fsdp_config"]
+        assert fsdp["fsdp_version"] == 2
+        assert [fsdp["fsdp_transformer_layer_cls_to_wrap"]] == [FSDP_LAYER_CLASS_NAMES[config.model_type]]
+    assert recipes["deepspeed_zero2"]["deepspeed_config"]["zero_stage"] == 2
+    zero3 = recipes["deepspeed_zero3"]["deepspeed_config"]
+    assert (
+        zero3["zero_stage"] == 3 and zero3["deepspeed_moe_layer_cls_names"] == ACCELERATE_MOE_LAYER_CLS_NAMES
+    )
+
+
+def test_fsdp_layer_class_names_exist_in_the_models():
+    from accelerate.utils.dataclasses import get_module_class_from_name
+
+    for name in ("bert_mlm", "t5_gated"):
+        model = getattr(ptmoe, worker.CASES[name][0])(CONFIGS[name]())
+        (layer,) = fsdp_layer_class_names(model)
+        assert get_module_class_from_name(model, layer) is not None
+    with pytest.raises(ValueError, match="ptmoe model types"):
+        fsdp_layer_class_names(torch.nn.Linear(2, 2))
+
+
+def test_bench_experts_quick(capsys):
+    spec = importlib.util.spec_from_file_location("bench_experts", REPO / "scripts" / "bench_experts.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--quick", "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert "| fused grouped_mm |" in printed and "fused target_parameters" in printed
+    assert "per-expert ModuleList (ptmoe): 100%" in printed

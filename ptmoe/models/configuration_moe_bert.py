@@ -64,8 +64,9 @@ class MoeBertConfig(MoeConfigMixin, BertConfig):
     # transformers' distributed engine (`from_pretrained(..., distributed_config=DistributedConfig(tp_size=…,
     # fsdp_size=…))`) reads these plans; names are relative to `MoeBertModel`. Attention and every FFN (dense, each
     # routed and shared expert) are split Megatron-style: the first projection by output columns, the second by
-    # input rows, so each layer costs one all-reduce per projection pair. Routers, LayerNorms, the pooler and task
-    # heads stay replicated: routers must see every hidden feature and decide the same on every rank.
+    # input rows, so each layer costs one all-reduce per projection pair. Routers, LayerNorms, the pooler and the
+    # classification heads stay replicated: routers must see every hidden feature and decide the same on every rank.
+    # The word embeddings (and the MLM decoder tied to them, `MoeBertForMaskedLM._tp_plan`) are split by vocabulary.
     # Rules naming modules a model does not have (dense layers of an all-MoE model, shared experts) are dropped when
     # the model is built. Expert parallelism (`ep_size`) is not declared: see README "Beyond one machine".
     base_model_tp_plan = {

@@ -268,6 +268,22 @@ def _all_reduce_vectors(vectors: dict[str, torch.Tensor], device: torch.device) 
     return dict(zip(names, flat.cpu().double().split(sizes), strict=True))
 
 
+def batch_replicas(model: nn.Module) -> int:
+    """How many ranks process the same batch: the tensor-parallel size of a model sharded by transformers'
+    `from_pretrained(..., distributed_config=DistributedConfig(tp_size=…))` (1 otherwise, FSDP and DDP included).
+
+    Summing routing counts over all ranks counts each batch this many times.
+
+    Args:
+        model (`nn.Module`): a ptmoe model, possibly wrapped.
+    """
+    for module in model.modules():
+        tp_size = getattr(module, "_tp_size", None)
+        if isinstance(tp_size, int) and tp_size > 1:
+            return tp_size
+    return 1
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The Trainer callback
 # --------------------------------------------------------------------------------------------------------------
@@ -319,6 +335,7 @@ class RouterTelemetryCallback(TrainerCallback):
         self._run_sums: dict[str, torch.Tensor] = {}
         self._num_groups: dict[str, int] = {}
         self._placed_before_integrations = False
+        self._replicas = 1
 
     # -- events ------------------------------------------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
@@ -342,6 +359,7 @@ class RouterTelemetryCallback(TrainerCallback):
         self._num_groups = {name: _num_groups(block) for name, block in blocks.items()}
         self._accumulator = RoutingAccumulator(blocks, training_only=True)
         self._accumulator.install()
+        self._replicas = batch_replicas(model)
 
     def on_log(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs
@@ -384,6 +402,8 @@ class RouterTelemetryCallback(TrainerCallback):
     def _flush(self, args: TrainingArguments) -> dict[str, dict[str, Any]]:
         """Statistics since the previous flush, summed over ranks; adds them to the whole-run totals."""
         vectors = _all_reduce_vectors(self._accumulator.vectors(), args.device)
+        if self._replicas > 1:  # tensor-parallel ranks routed the same batch: count it once
+            vectors = {name: sums / self._replicas for name, sums in vectors.items()}
         self._accumulator.reset()
         for name, sums in vectors.items():
             self._run_sums[name] = self._run_sums[name] + sums if name in self._run_sums else sums

@@ -335,11 +335,11 @@ def test_accelerate_ddp(checkpoints, tmp_path):
         "TOKENIZERS_PARALLELISM": "false",
     }
     # `--cpu` selects accelerate's single-process launcher (several CPU processes need MPI there); the
-    # multi-process launcher (torch.distributed.run) with ACCELERATE_USE_CPU=1 gives CPU DDP over gloo.
+    # multi-process launcher (torch.distributed.run) with ACCELERATE_USE_CPU=1 gives CPU DDP over gloo. The
+    # shipped recipe examples/accelerate/ddp.yaml is what runs.
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "--main_process_port", str(port),
+        "--config_file", str(REPO / "examples" / "accelerate" / "ddp.yaml"), "--main_process_port", str(port),
         str(SCRIPTS / "finetune_classification.py"),
         "--model_name_or_path", checkpoints["moe_bert"],
         "--train_file", str(DATA / "sentiment_train.jsonl"),

@@ -72,6 +72,31 @@ class MoeBertConfig(MoeConfigMixin, BertConfig):
     """
 
     model_type = "moe_bert"
+    # transformers' distributed engine (`from_pretrained(..., distributed_config=DistributedConfig(tp_size=…,
+    # fsdp_size=…))`) reads these plans; names are relative to `MoeBertModel`. Attention and every FFN (dense, each
+    # routed and shared expert) are split Megatron-style: the first projection by output columns, the second by
+    # input rows, so each layer costs one all-reduce per projection pair. Routers, LayerNorms, the pooler and the
+    # classification heads stay replicated: routers must see every hidden feature and decide the same on every rank.
+    # The word embeddings (and the MLM decoder tied to them, `MoeBertForMaskedLM._tp_plan`) are split by vocabulary.
+    # Rules naming modules a model does not have (dense layers of an all-MoE model, shared experts) are dropped when
+    # the model is built. Expert parallelism (`ep_size`) is not declared: see README "Beyond one machine".
+    base_model_tp_plan = {
+        "embeddings.word_embeddings": "embedding_rowwise",
+        "encoder.layer.*.attention.self.query": "colwise",
+        "encoder.layer.*.attention.self.key": "colwise",
+        "encoder.layer.*.attention.self.value": "colwise",
+        "encoder.layer.*.attention.output.dense": "rowwise",
+        "encoder.layer.*.intermediate.dense": "colwise",
+        "encoder.layer.*.output.dense": "rowwise",
+        "encoder.layer.*.moe.experts.*.wi": "colwise",
+        "encoder.layer.*.moe.experts.*.wo": "rowwise",
+        "encoder.layer.*.moe.shared_experts.*.wi": "colwise",
+        "encoder.layer.*.moe.shared_experts.*.wo": "rowwise",
+    }
+    # FSDP2: one unit per layer (router and all its experts together), never one per expert: a rank whose tokens
+    # skip an expert would skip that unit's all-gather and hang the others (pytorch#126616). Embeddings, pooler and
+    # heads stay in the root unit, so the MLM decoder tied to the word embeddings is sharded once.
+    base_model_fsdp_plan = {"encoder.layer.*": "free_full_weight"}
 
     num_experts: int = 8
     num_experts_per_tok: int = 2

@@ -39,6 +39,31 @@ def _check_feed_forward_proj(feed_forward_proj: str) -> None:
         )
 
 
+def _t5_tensor_parallel_plan() -> dict[str, str]:
+    """The tensor-parallel plan of MoE-T5, named from the encoder-decoder (`encoder.block.*…`, `decoder.block.*…`).
+
+    Every attention is split by heads (q/k/v by output columns, o by input rows); the relative position bias table
+    is split by heads too and looked up locally, so each rank adds the bias of its own heads. Every FFN (dense
+    `DenseReluDense`, each routed and shared expert; `wi` or gated `wi_0`/`wi_1`) is split by its hidden units.
+    Routers and layer norms stay replicated. (transformers matches every list index as `*`, so the sub-layers
+    `layer.0/1/2` of a block are told apart by their module names.)
+    """
+    plan = {"shared": "embedding_rowwise"}
+    for stack in ("encoder", "decoder"):
+        plan[f"{stack}.embed_tokens"] = "embedding_rowwise"
+        for attention in ("SelfAttention", "EncDecAttention") if stack == "decoder" else ("SelfAttention",):
+            prefix = f"{stack}.block.*.layer.*.{attention}"
+            plan.update({f"{prefix}.q": "colwise", f"{prefix}.k": "colwise", f"{prefix}.v": "colwise"})
+            plan[f"{prefix}.o"] = "rowwise"
+        bias = f"{stack}.block.*.layer.*.SelfAttention.relative_attention_bias"
+        plan.update({f"{bias}.weight": "embedding_colwise", bias: "local_params"})
+        for ffn in ("DenseReluDense", "moe.experts.*", "moe.shared_experts.*"):
+            prefix = f"{stack}.block.*.layer.*.{ffn}"
+            plan.update({f"{prefix}.{name}": "colwise" for name in ("wi", "wi_0", "wi_1")})
+            plan[f"{prefix}.wo"] = "rowwise"
+    return plan
+
+
 @strict
 class MoeT5Config(MoeConfigMixin, T5Config):
     r"""
@@ -98,6 +123,14 @@ class MoeT5Config(MoeConfigMixin, T5Config):
     """
 
     model_type = "moe_t5"
+    # transformers' distributed engine (`from_pretrained(..., distributed_config=DistributedConfig(tp_size=…,
+    # fsdp_size=…))`) reads these plans. Rules naming modules a model does not have (the decoder of
+    # `MoeT5EncoderModel`, dense FFNs of an all-MoE stack, gated or plain projections) are dropped when the model is
+    # built. Expert parallelism (`ep_size`) is not declared: see README "Beyond one machine".
+    base_model_tp_plan = _t5_tensor_parallel_plan()
+    # FSDP2: one unit per block (router and all its experts together, never one per expert: pytorch#126616); the
+    # shared embedding and the LM head tied to it stay in the root unit.
+    base_model_fsdp_plan = {"encoder.block.*": "free_full_weight", "decoder.block.*": "free_full_weight"}
 
     num_experts: int = 8
     num_experts_per_tok: int = 2

@@ -338,6 +338,9 @@ class MoeBertForMaskedLM(_MoeBertHeadModel):
         "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
         "cls.predictions.decoder.bias": "cls.predictions.bias",
     }
+    # Split by vocabulary like the word embeddings it is tied to; logits are gathered on every rank. The decoder's
+    # bias is tied to `cls.predictions.bias`, which must be split the same way.
+    _tp_plan = {"cls.predictions.decoder": "colwise_gather_output", "cls.predictions.bias": "colwise"}
 
     def __init__(self, config: MoeBertConfig):
         super().__init__(config)

@@ -461,6 +461,12 @@ class MoeT5Stack(MoeT5PreTrainedModel):
 
         position_bias = None
         encoder_decoder_position_bias = None
+        if self.is_decoder and encoder_hidden_states is not None:
+            # Cross-attention has no position bias. T5 builds a zero one with `n_heads` heads; one broadcast over
+            # the heads adds the same zeros and also fits a tensor-parallel rank that holds only some of the heads.
+            encoder_decoder_position_bias = inputs_embeds.new_zeros(
+                1, 1, seq_length, encoder_hidden_states.shape[1]
+            )
         routing: list[RouterOutput] = []
         hidden_states = self.dropout(inputs_embeds)
         for block in self.block:
@@ -623,6 +629,8 @@ class MoeT5ForConditionalGeneration(MoeT5PreTrainedModel, GenerationMixin):
         "decoder.embed_tokens.weight": "shared.weight",
         "lm_head.weight": "shared.weight",
     }
+    # Split by vocabulary like the shared embedding it is tied to; logits are gathered on every rank.
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: MoeT5Config):
         super().__init__(config)

@@ -13,6 +13,7 @@ only torch and transformers — never ``ptmoe``.
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
 
 ROUTER_TYPES = ("topk", "switch", "noisy_topk", "hash", "expert_choice", "hierarchical")
 HASH_ROUTER_SEED = 1234  # fixed: the token → expert table must not depend on the global RNG
@@ -1103,6 +1105,24 @@ def keep_modules_unquantized(quantization_config, modules: Sequence[str] | None)
     return config
 
 
+def reduce_unused_expert_gradients(model: nn.Module) -> bool:
+    """Make an FSDP2-sharded model reduce a zero gradient for experts that got no token on a rank; True if it is one.
+
+    Under FSDP each rank routes its own batch, so an expert can receive tokens on one rank and none on another. The
+    rank without tokens then has no gradient for that expert, and FSDP2 by default leaves such parameters out of its
+    reduce-scatter: the ranks send buffers of different sizes and fail or hang. `from_pretrained(...,
+    distributed_config=DistributedConfig(fsdp_size=…))` calls this for ptmoe models; call it yourself after
+    `torch.distributed.fsdp.fully_shard(model)` (accelerate's FSDP2 included).
+
+    Args:
+        model (`nn.Module`): the model, sharded with FSDP2 (`fully_shard`) or not (then nothing changes).
+    """
+    if not callable(getattr(model, "set_reduce_scatter_unused_params", None)):
+        return False
+    model.set_reduce_scatter_unused_params(True)
+    return True
+
+
 def load_checked(from_pretrained, *args, **kwargs):
     """Run a `from_pretrained` and refuse the result when experts/routers do not match (see `check_expert_keys`).
 
@@ -1124,6 +1144,7 @@ def load_checked(from_pretrained, *args, **kwargs):
         *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
     )
     disable_bnb_cpu_weight_repacking(model)
+    reduce_unused_expert_gradients(model)
     check_expert_keys(loading_info, model.config)
     mismatched = loading_info.get("mismatched_keys", [])
     if mismatched and not ignore_mismatched_sizes:
@@ -1140,6 +1161,26 @@ class MoePreTrainedMixin:
     # `loss` already averages over tokens and adds the router losses: the Trainer must still divide it by the
     # gradient-accumulation steps and must not rescale it by the number of processes.
     accepts_loss_kwargs = False
+
+    def init_parallel_plans(self) -> None:
+        """transformers' plan collection, keeping only the rules that name a module or parameter of this model.
+
+        The config families declare one plan for all their models (`base_model_tp_plan`, `base_model_fsdp_plan`):
+        rules for dense FFNs, shared experts, gated projections or the decoder name nothing in a model without them,
+        and transformers would warn about each of those rules at every distributed load.
+        """
+        super().init_parallel_plans()
+        names = {
+            replace_layer_number_by_wildcard(name)
+            for name, _ in itertools.chain(self.named_modules(), self.named_parameters())
+        }
+        for plan in ("_tp_plan", "_ep_plan", "_pp_plan", "_fsdp_plan"):
+            rules = getattr(self, plan, None) or {}
+            setattr(
+                self,
+                plan,
+                {key: style for key, style in rules.items() if not isinstance(key, str) or key in names},
+            )
 
     def _initialize_weights(self, module, is_custom_code: bool = False):
         # Registered classes count as "custom code", and transformers then skips modules without direct

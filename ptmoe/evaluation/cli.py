@@ -141,7 +141,10 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
     from .run import EvalConfig, evaluate_suites, format_results, write_results
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    from .suites import resolve_suites
+
     suites = args.suites.split(",") if args.suites else ["all"]
+    resolve_suites(suites)  # unknown names fail before anything is built or loaded
     output_dir = Path(args.output_dir or ("outputs/evaluate-quick" if args.quick else "outputs/evaluate"))
     overrides = {}
     if args.quick:

@@ -268,3 +268,87 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("ptmoe evaluate: error: Unknown suite 'assin3'") and err.count("\n") == 1
     assert ptmoe_main(["evaluate", "--suite", "lener-br", "--output_dir", str(tmp_path / "y")]) == 2
     assert "--model_name_or_path is required" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- few-shot
+
+
+def test_sample_per_class_draws_k_of_each_class_reproducibly():
+    from ptmoe.evaluation.few_shot import sample_per_class
+
+    train = suites.load_suite_data("assin2-rte", "fixtures", splits=("train",))["train"]
+    labels = train["entailment_judgment"]
+    first = sample_per_class(train, "entailment_judgment", 8, seed=0)
+    assert len(first) == 16 and len(set(first)) == 16
+    assert sorted(labels[i] for i in first) == [0] * 8 + [1] * 8
+    assert list(first) == list(sample_per_class(train, "entailment_judgment", 8, seed=0))
+    assert list(first) != list(sample_per_class(train, "entailment_judgment", 8, seed=1))
+    with pytest.raises(
+        ValueError, match=r"assin2-rte: the train split has 12 examples of class 'NONE', fewer than the 16"
+    ):
+        sample_per_class(train, "entailment_judgment", 16, seed=0, suite_name="assin2-rte")
+
+
+def test_sentence_embeddings_pooling_matches_the_encoder(quick_models):
+    """[CLS] pooling is the first hidden state; mean pooling of a padded row equals that row's mean run alone."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from ptmoe.evaluation.few_shot import sentence_embeddings
+
+    moe, _ = quick_models
+    data = suites.load_suite_data("assin2-rte", "fixtures", splits=("test",))["test"].select(range(3))
+    cls = sentence_embeddings(moe, data, "premise", "hypothesis", "cls", batch_size=3)
+    mean = sentence_embeddings(moe, data, "premise", "hypothesis", "mean", batch_size=3)
+    tokenizer, model = AutoTokenizer.from_pretrained(moe), AutoModel.from_pretrained(moe).eval()
+    for i in range(3):
+        encoded = tokenizer(data[i]["premise"], data[i]["hypothesis"], return_tensors="pt")
+        with torch.no_grad():
+            hidden = model(**encoded).last_hidden_state[0]  # (seq, hidden), no padding
+        torch.testing.assert_close(torch.from_numpy(cls[i]), hidden[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(torch.from_numpy(mean[i]), hidden.mean(0), atol=1e-5, rtol=1e-4)
+
+
+def test_few_shot_run_reports_mean_and_spread(quick_models, tmp_path):
+    from ptmoe.evaluation.few_shot import evaluate_few_shot
+    from ptmoe.evaluation.run import EvalConfig
+
+    moe, dense = quick_models
+    config = EvalConfig(
+        model_name_or_path=moe, suites=["assin2-rte"], output_dir=str(tmp_path / "fs"), dense_model=dense,
+        data_dir="fixtures", seeds=(0, 1), max_steps=1, max_length=48,
+    )  # fmt: skip
+    results = evaluate_few_shot(config, shots=(8,), methods=("logreg-cls", "lora"))
+    entries = results["few_shot"]
+    assert {(e["model"], e["method"], e["k"]) for e in entries} == {
+        (m, method, 8) for m in ("model", "dense") for method in ("logreg-cls", "lora")
+    }
+    for entry in entries:
+        values = [r["value"] for r in entry["runs"]]
+        assert entry["n"] == 2 and entry["mean"] == pytest.approx(statistics.mean(values))
+        assert entry["std"] == pytest.approx(statistics.stdev(values))
+    assert json.loads((tmp_path / "fs" / "results.json").read_text())["few_shot"] == entries
+    with pytest.raises(ValueError, match="lener-br is not.*assin2-rte"):
+        evaluate_few_shot(EvalConfig(moe, ["lener-br"], str(tmp_path / "x"), data_dir="fixtures"))
+    with pytest.raises(ValueError, match="unknown few-shot method"):
+        evaluate_few_shot(config, methods=("knn",))
+
+
+def test_evaluate_pt_script_runs_as_a_script():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "evaluate_pt.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and "--few_shot" in result.stdout and "--quick" in result.stdout
+    result = subprocess.run(
+        [sys.executable, str(script), "--suite", "nope", "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and result.stderr.startswith("evaluate_pt.py: error: Unknown suite 'nope'")
+    assert "Traceback" not in result.stderr

@@ -449,8 +449,8 @@ def format_results(results: dict) -> str:
         lines.append(line)
     for entry in results.get("few_shot", []):
         lines.append(
-            f"  few-shot {entry['suite']:<14} {entry['method']:<12} k={entry['k']:<3} {entry['metric']:<8} "
-            f"{entry['mean']:.4f} ± {entry['std']:.4f} ({entry['n']} seeds)"
+            f"  few-shot {entry['suite']:<11} {entry['model']:<6} {entry['method']:<12} k={entry['k']:<3} "
+            f"{entry['metric']:<4} {entry['mean']:.4f} ± {entry['std']:.4f} ({entry['n']} seeds)"
         )
     return "\n".join(lines)
 

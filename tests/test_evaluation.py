@@ -335,6 +335,7 @@ def test_few_shot_run_reports_mean_and_spread(quick_models, tmp_path):
 
 
 def test_evaluate_pt_script_runs_as_a_script():
+    """One subprocess (imports take most of its time): the script's wiring and its one-line error."""
     import subprocess
     import sys
     from pathlib import Path

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
         try:
             return run_evaluate_command(args)
-        except (ValueError, FileNotFoundError) as error:
+        except (ValueError, FileNotFoundError, FileExistsError) as error:
             print(f"ptmoe evaluate: error: {error}", file=sys.stderr)
             return 2
 

@@ -149,8 +149,6 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
     overrides = {}
     if args.quick:
         overrides = dict(QUICK_DEFAULTS)
-        if args.few_shot:
-            overrides["max_steps"] = 2
     for name in ("seeds", "epochs", "learning_rate", "batch_size", "max_length", "max_steps"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
@@ -159,9 +157,9 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
     if model is None:
         if not args.quick:
             raise ValueError("--model_name_or_path is required (or --quick, which builds tiny models)")
-        from .run import _check_output_dir
+        from ..upcycling import check_output_dir
 
-        _check_output_dir(output_dir, args.overwrite)  # before creating anything inside it
+        check_output_dir(output_dir, args.overwrite)  # before creating anything inside it
         model, built_dense = build_quick_models(output_dir / "models")
         dense = dense or built_dense
         args.overwrite = True  # the folder now holds only what this command created
@@ -180,7 +178,7 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
         max_train_samples=args.max_train_samples,
         max_eval_samples=args.max_eval_samples,
         cache_dir=args.cache_dir,
-        **{k: v for k, v in overrides.items()},
+        **overrides,
     )
     if args.few_shot:
         from .few_shot import evaluate_few_shot
@@ -205,6 +203,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run_evaluate_command(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"evaluate_pt.py: error: {error}", file=sys.stderr)
         return 2

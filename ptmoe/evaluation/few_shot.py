@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from ..upcycling import check_output_dir
 from .run import (
     EvalConfig,
     _card_name,
-    _check_output_dir,
     _versions,
     finetune_and_evaluate,
     suite_data_dir,
@@ -234,7 +234,7 @@ def evaluate_few_shot(
             f"{'is' if len(wrong) == 1 else 'are'} not. Use --suite assin2-rte."
         )
     output_dir = Path(config.output_dir)
-    _check_output_dir(output_dir, config.overwrite)
+    check_output_dir(output_dir, config.overwrite)
     seeds = list(config.seeds) if config.seeds is not None else None
     entries = []
     for suite in suites:

@@ -18,13 +18,14 @@ import math
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import training
+from ..upcycling import check_output_dir
 from .suites import FIXTURES_DIR, Suite, resolve_suites
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,6 @@ class EvalConfig:
     card_name: str | None = None
     overwrite: bool = False
     cache_dir: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.tuning not in training.TUNING_CHOICES:
@@ -111,8 +111,16 @@ def label_mapping_for(suite: Suite, raw) -> training.LabelMapping:
     return training.build_label_mapping(raw, suite.columns["label"], suite.task_type)
 
 
+# Every linear of a BERT-family encoder layer (BERT, RoBERTa, XLM-R): the dense baseline's LoRA targets.
+_DENSE_LORA_TARGETS = (
+    r".*\.encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|"
+    r"intermediate\.dense|output\.dense)$"
+)
+
+
 def _load_dense(model_args: training.ModelArguments, task: str, labels: training.LabelMapping):
-    """The dense baseline: the same head and tuning mode, LoRA on every linear layer (no experts to target)."""
+    """The dense baseline: the same head and tuning mode; LoRA on every linear of the encoder layers (there are no
+    experts to target), with modules missing from the checkpoint (a new pooler, the head) trained in full."""
     import peft
     import transformers
 
@@ -125,21 +133,28 @@ def _load_dense(model_args: training.ModelArguments, task: str, labels: training
     kwargs: dict[str, Any] = {"cache_dir": model_args.cache_dir, "ignore_mismatched_sizes": True}
     kwargs.update(labels.model_kwargs())
     if model_args.tuning == "qlora":
-        kwargs["quantization_config"] = ptmoe.bnb_4bit_config()
-    model = auto.from_pretrained(model_args.model_name_or_path, **kwargs)
+        # New modules (pooler, head) are random: keep them out of 4-bit so they can be trained (skip patterns match
+        # a name's start or its suffix).
+        kwargs["quantization_config"] = ptmoe.bnb_4bit_config(skip_modules=["pooler.dense", "classifier"])
+    model, loading_info = auto.from_pretrained(
+        model_args.model_name_or_path, output_loading_info=True, **kwargs
+    )
     model.accepts_loss_kwargs = False
     if model_args.tuning == "full":
         return model
-    if model_args.tuning == "qlora":
-        ptmoe.disable_cpu_weight_repacking(model)
-        model = peft.prepare_model_for_kbit_training(model)
-    task_type = peft.TaskType.SEQ_CLS if task == "sequence-classification" else peft.TaskType.TOKEN_CLS
+    module_names = {name for name, _ in model.named_modules()}
+    new_modules = sorted(
+        {key.rsplit(".", 1)[0] for key in loading_info.get("missing_keys", [])} & module_names
+    )
     config = peft.LoraConfig(
-        task_type=task_type,
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,
-        target_modules="all-linear",
+        lora_dropout=model_args.lora_dropout,
+        target_modules=_DENSE_LORA_TARGETS,
+        modules_to_save=new_modules or None,
     )
+    if model_args.tuning == "qlora":
+        return ptmoe.prepare_qlora_model(model, lora_config=config)
     return peft.get_peft_model(model, config)
 
 
@@ -351,15 +366,6 @@ def evaluate_suite(suite: Suite, config: EvalConfig, output_dir: Path) -> dict[s
     return result
 
 
-def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ValueError(f"--output_dir {output_dir} is a file: give a folder.")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise ValueError(
-            f"--output_dir {output_dir} is not empty: pass --overwrite to write into it, or choose another folder."
-        )
-
-
 def write_results(results: dict, path: str | os.PathLike) -> Path:
     """Write `results` as JSON next to `path` first, then move it into place (no half-written file)."""
     path = Path(path)
@@ -409,12 +415,12 @@ def evaluate_suites(config: EvalConfig) -> dict[str, Any]:
     """Run every suite of `config` and write `<output_dir>/results.json`; returns the results.
 
     Raises:
-        ValueError: an unknown suite, a non-empty output folder without `overwrite`, data that does not match a
-            suite's schema, or a model that cannot be loaded.
+        ValueError: an unknown suite, data that does not match a suite's schema, or a model that cannot be loaded.
+        FileExistsError: a non-empty output folder without `overwrite`.
     """
     suites = resolve_suites(config.suites)
     output_dir = Path(config.output_dir)
-    _check_output_dir(output_dir, config.overwrite)
+    check_output_dir(output_dir, config.overwrite)
     results = {
         "format": RESULTS_FORMAT,
         "model_name": _card_name(config),
@@ -423,7 +429,6 @@ def evaluate_suites(config: EvalConfig) -> dict[str, Any]:
         "dense_model": config.dense_model,
         "results": [evaluate_suite(suite, config, output_dir) for suite in suites],
         "versions": _versions(),
-        **({"extra": config.extra} if config.extra else {}),
     }
     write_results(results, output_dir / RESULTS_FILE)
     return results

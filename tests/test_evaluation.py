@@ -351,3 +351,29 @@ def test_evaluate_pt_script_runs_as_a_script(monkeypatch, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("evaluate_pt.py: error: Unknown suite 'nope'") and "Traceback" not in err
+
+
+def test_split_long_documents_keeps_every_word_and_cuts_between_sentences():
+    suite = suites.get_suite("harem-total")
+    raw = suites.load_suite_data(suite, "fixtures", splits=("train",))
+    names = suite.labels
+    chunks = suites.split_long_documents(raw, suite, max_words=9)["train"]
+    assert len(chunks) > len(raw["train"])
+    for doc in raw["train"]:
+        parts = [c for c in chunks if c["id"] == doc["id"]]
+        assert sum((p["tokens"] for p in parts), []) == doc["tokens"]
+        assert sum((p["ner_tags"] for p in parts), []) == doc["ner_tags"]
+        for part in parts:
+            assert 1 <= len(part["tokens"]) <= 9
+        for part in parts[
+            1:
+        ]:  # no chunk starts inside an entity (none of the fixture's entities is 9 words long)
+            assert not names[part["ner_tags"][0]].startswith("I-")
+    # a document with two sentences inside the limit is cut after the first sentence's end
+    doc = next(d for d in raw["train"] if d["tokens"].count(".") >= 2)
+    cut_room = suites.split_long_documents(raw, suite, max_words=len(doc["tokens"]) - 1)["train"]
+    first = next(c for c in cut_room if c["id"] == doc["id"])
+    assert first["tokens"][-1] == "."
+    assert (
+        suites.split_long_documents(raw, suite, max_words=10_000)["train"]["tokens"] == raw["train"]["tokens"]
+    )

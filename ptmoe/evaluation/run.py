@@ -26,7 +26,7 @@ import numpy as np
 
 from .. import training
 from ..upcycling import check_output_dir
-from .suites import FIXTURES_DIR, Suite, resolve_suites
+from .suites import FIXTURES_DIR, Suite, resolve_suites, split_long_documents
 
 logger = logging.getLogger(__name__)
 
@@ -217,6 +217,8 @@ def finetune_and_evaluate(
     max_length = training.resolve_max_length(protocol["max_length"], model, tokenizer)
     raw = type(raw)({split: raw[split] for split in ("train", "test")})
     if is_ner:
+        # Whole documents (HAREM) would be truncated: chunks of at most ~half as many words as tokens fit.
+        raw = split_long_documents(raw, suite, max_words=max(8, (max_length - 2) // 2))
         tokenized = training.tokenize_and_align_labels(
             raw, tokenizer, suite.columns["tokens"], suite.columns["tags"], labels, max_seq_length=max_length
         )

@@ -150,7 +150,9 @@ _HAREM_PROTOCOL = Protocol(
     source=(
         "neuralmind-ai/portuguese-bert ner_evaluation/README.md, BERT without CRF: 50 epochs, batch 16 (2 x 8 "
         "accumulation) - verified. lr 5e-5 and 512 tokens are unverified guesses of the script defaults; BERTimbau "
-        "reads each document in 512-token windows with context, ptmoe truncates each document to max_length."
+        "reads each document in 512-token windows with context, ptmoe splits documents into chunks of whole sentences "
+        "(split_long_documents) and scores every word; each run's final model is scored (BERTimbau keeps the best "
+        "epoch on validation)."
     ),
 )
 _HAREM_CITATION = "Santos, Seco, Cardoso, Vilela (2006). HAREM: An Advanced NER Evaluation Contest for Portuguese. LREC 2006."
@@ -527,6 +529,63 @@ def load_suite_data(
     return raw
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Long NER documents
+# ----------------------------------------------------------------------------------------------------------------
+_SENTENCE_END = frozenset({".", "!", "?", ";"})
+
+
+def _cut_points(words: Sequence[str], tags: Sequence[int], names: Sequence[str], max_words: int) -> list[int]:
+    """Chunk ends (exclusive) for one document: at the last sentence end inside the limit, else at the limit moved
+    back to a word that does not continue an entity (an entity longer than `max_words` is cut where it must be)."""
+    ends, start = [], 0
+    while len(words) - start > max_words:
+        limit = start + max_words
+        cut = next((i + 1 for i in range(limit - 1, start, -1) if words[i] in _SENTENCE_END), None)
+        if cut is None:
+            cut = limit
+            while cut > start + 1 and names[tags[cut]].startswith("I-"):
+                cut -= 1
+            if cut == start + 1:
+                cut = limit
+        ends.append(cut)
+        start = cut
+    ends.append(len(words))
+    return ends
+
+
+def split_long_documents(raw, suite: Suite, max_words: int):
+    """Split NER examples longer than `max_words` words into consecutive chunks, so that every word is scored.
+
+    HAREM examples are whole documents (hundreds of words) and a model reads at most `max_length` sub-word tokens:
+    truncation would leave the rest of each document out of training and out of the score. BERTimbau's NER code
+    reads documents in overlapping 512-token windows instead; ptmoe cuts them into chunks at sentence ends (or,
+    inside a long sentence, between entities) and scores every chunk. Other columns are copied to each chunk.
+
+    Args:
+        raw (`datasets.DatasetDict`): splits with the suite's `tokens` and `tags` columns (tags as `ClassLabel` ids).
+        suite (`Suite`): an NER suite.
+        max_words (`int`): the longest chunk, in words.
+    """
+    if max_words < 1:
+        raise ValueError(f"max_words must be >= 1, got {max_words}")
+    tokens_column, tags_column = suite.columns["tokens"], suite.columns["tags"]
+
+    def split(batch):
+        out = {column: [] for column in batch}
+        for row in range(len(batch[tokens_column])):
+            words, tags = batch[tokens_column][row], batch[tags_column][row]
+            start = 0
+            for end in _cut_points(words, tags, suite.labels, max_words):
+                for column in batch:
+                    value = batch[column][row]
+                    out[column].append(value[start:end] if column in (tokens_column, tags_column) else value)
+                start = end
+        return out
+
+    return raw.map(split, batched=True, desc="Splitting long documents")
+
+
 __all__ = [
     "Anchor",
     "FIXTURES_DIR",
@@ -540,4 +599,5 @@ __all__ = [
     "list_suites",
     "load_suite_data",
     "resolve_suites",
+    "split_long_documents",
 ]

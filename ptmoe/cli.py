@@ -75,7 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
         "cards", help="generate the model cards of the zoo (model_cards/<name>/README.md)"
     )
     cards.add_argument("--out", default="model_cards", help="output folder (default: model_cards)")
-    cards.add_argument("--eval-results", metavar="FILE", help="JSON {model name: [EvalResult fields, ...]}")
+    cards.add_argument(
+        "--eval-results",
+        metavar="FILE",
+        help="results.json of `ptmoe evaluate`, or JSON {model name: [EvalResult fields, ...]}",
+    )
     cards.add_argument(
         "--model-dir",
         metavar="DIR",

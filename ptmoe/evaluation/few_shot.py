@@ -89,8 +89,11 @@ def sentence_embeddings(
 
     if pooling not in ("cls", "mean"):
         raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+    from ..training import resolve_max_length
+
     tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, cache_dir=cache_dir)
     model = AutoModel.from_pretrained(model_name_or_path, cache_dir=cache_dir).eval()
+    max_length = resolve_max_length(max_length, model, tokenizer, flag="max_length")
     outputs = []
     with torch.no_grad():
         for start in range(0, len(dataset), batch_size):

@@ -46,13 +46,24 @@ def build_parser() -> argparse.ArgumentParser:
     list_parser.add_argument("--no-counts", action="store_true", help="skip the parameter-count columns")
     list_parser.set_defaults(func=_cmd_list)
 
-    # ptmoe cards [--out model_cards] [--eval-results FILE]: write every zoo model card (ptmoe/cards.py).
+    # ptmoe cards [--out model_cards] [--eval-results FILE] [--model-dir DIR]: write every zoo model card, or the
+    # card of one trained folder (ptmoe/cards.py).
     def _cmd_cards(args: argparse.Namespace) -> int:
-        from .cards import load_eval_results, write_cards
+        from .cards import load_eval_results, write_cards, write_folder_card
         from .zoo import UnknownModelError
 
         try:
             results = load_eval_results(args.eval_results) if args.eval_results else None
+            if args.model_dir:
+                path = write_folder_card(
+                    args.model_dir,
+                    args.out,
+                    eval_results=results,
+                    eval_results_path=args.eval_results,
+                    license=args.license,
+                )
+                print(f"wrote {path}")
+                return 0
             paths = write_cards(args.out, names=args.names or None, eval_results=results)
         except (UnknownModelError, ValueError, FileNotFoundError) as error:
             print(f"ptmoe cards: error: {error}", file=sys.stderr)
@@ -64,9 +75,40 @@ def build_parser() -> argparse.ArgumentParser:
         "cards", help="generate the model cards of the zoo (model_cards/<name>/README.md)"
     )
     cards.add_argument("--out", default="model_cards", help="output folder (default: model_cards)")
-    cards.add_argument("--eval-results", metavar="FILE", help="JSON {model name: [EvalResult fields, ...]}")
+    cards.add_argument(
+        "--eval-results",
+        metavar="FILE",
+        help="results.json of `ptmoe evaluate`, or JSON {model name: [EvalResult fields, ...]}",
+    )
+    cards.add_argument(
+        "--model-dir",
+        metavar="DIR",
+        help="write the card of this trained ptmoe folder (to OUT/<name>/README.md)",
+    )
+    cards.add_argument(
+        "--license", help="with --model-dir: the checkpoint's Hub licence if its source is unregistered"
+    )
     cards.add_argument("names", nargs="*", help="only these zoo names (default: all)")
     cards.set_defaults(func=_cmd_cards)
+
+    # ptmoe evaluate: fine-tune + evaluate on the Portuguese suites (ptmoe/evaluation).
+    def _cmd_evaluate(args: argparse.Namespace) -> int:
+        from .evaluation.cli import run_evaluate_command
+
+        try:
+            return run_evaluate_command(args)
+        except (ValueError, FileNotFoundError, FileExistsError) as error:
+            print(f"ptmoe evaluate: error: {error}", file=sys.stderr)
+            return 2
+
+    from .evaluation.cli import add_evaluate_arguments
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="fine-tune and evaluate on ASSIN 2 / HAREM / LeNER-Br over seeds, next to the dense source",
+    )
+    add_evaluate_arguments(evaluate)
+    evaluate.set_defaults(func=_cmd_evaluate)
 
     # upcycle: dense BERT / RoBERTa / T5 checkpoint → MoE checkpoint (ptmoe/upcycling.py)
     from .upcycling import add_upcycle_arguments, run_upcycle_command

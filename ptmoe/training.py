@@ -1145,11 +1145,12 @@ def _scalars(results: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
-def classification_metrics(label_mapping: LabelMapping) -> Callable:
+def classification_metrics(label_mapping: LabelMapping, f1_average: str | None = None) -> Callable:
     """`compute_metrics` for sentence tasks, with the offline metric modules.
 
-    Classification: `accuracy` and `f1` (binary for two classes, macro average otherwise). Regression:
-    `pearson` and `spearman` (module `pearson_spearman`) and the mean squared error `mse`.
+    Classification: `accuracy` and `f1` (binary for two classes, macro average otherwise, or `f1_average` when
+    given, e.g. `"macro"` for ASSIN 2 RTE). Regression: `pearson` and `spearman` (module `pearson_spearman`) and
+    the mean squared error `mse`.
     """
     from .metrics import load_metric
 
@@ -1166,7 +1167,7 @@ def classification_metrics(label_mapping: LabelMapping) -> Callable:
         return compute
 
     accuracy, f1 = load_metric("accuracy"), load_metric("f1")
-    average = "binary" if label_mapping.num_labels == 2 else "macro"
+    average = f1_average or ("binary" if label_mapping.num_labels == 2 else "macro")
 
     def compute(eval_prediction) -> dict[str, float]:
         predictions = np.asarray(_first(eval_prediction.predictions)).reshape(-1)
@@ -1178,11 +1179,12 @@ def classification_metrics(label_mapping: LabelMapping) -> Callable:
     return compute
 
 
-def ner_metrics(label_mapping: LabelMapping) -> Callable:
+def ner_metrics(label_mapping: LabelMapping, **seqeval_kwargs: Any) -> Callable:
     """`compute_metrics` for BIO tagging: entity-level precision/recall/F1 (module `seqeval`) and token accuracy.
 
     Only positions with a label (first sub-word of each word) are scored; per-type F1 is reported as
-    ``<TYPE>_f1``.
+    ``<TYPE>_f1``. `seqeval_kwargs` go to the metric (e.g. `mode="strict", scheme="IOB2"`); by default
+    conlleval-style chunking with undefined scores set to 0.
     """
     from .metrics import load_metric
 
@@ -1199,7 +1201,9 @@ def ner_metrics(label_mapping: LabelMapping) -> Callable:
             keep = reference_row != -100
             predicted_tags.append([names[i] for i in prediction_row[keep]])
             reference_tags.append([names[i] for i in reference_row[keep]])
-        results = seqeval.compute(predictions=predicted_tags, references=reference_tags)
+        results = seqeval.compute(
+            predictions=predicted_tags, references=reference_tags, **{"zero_division": 0, **seqeval_kwargs}
+        )
         flat = {}
         for key, value in results.items():
             if isinstance(value, Mapping):

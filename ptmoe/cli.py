@@ -1,12 +1,20 @@
 """The `ptmoe` command. Each subcommand is thin: it parses arguments and calls a library function.
 
 ptmoe info                      versions and registered model types
+
+Errors: a subcommand reports bad input by raising `ValueError` / `OSError` (`FileNotFoundError`, `FileExistsError`,
+…) / `ptmoe.errors.UserError`; `main` prints it as one line `ptmoe <command>: error: <message>` and exits with 2
+(`ptmoe.errors.run_command`). `--debug` (anywhere on the line) or `PTMOE_DEBUG=1` shows the traceback instead.
+Commands that write a folder refuse a non-empty one unless `--overwrite`, and write through
+`ptmoe.outputs.staged_output_dir`.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from .errors import DEBUG_ENV, run_command
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -24,6 +32,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptmoe", description="Mixture-of-Experts models for Portuguese.")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"show the full traceback of an error instead of one line (also: {DEBUG_ENV}=1); accepted anywhere",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     info = commands.add_parser("info", help="print versions and registered model types")
@@ -49,14 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     # ptmoe cards [--out model_cards] [--eval-results FILE]: write every zoo model card (ptmoe/cards.py).
     def _cmd_cards(args: argparse.Namespace) -> int:
         from .cards import load_eval_results, write_cards
-        from .zoo import UnknownModelError
 
-        try:
-            results = load_eval_results(args.eval_results) if args.eval_results else None
-            paths = write_cards(args.out, names=args.names or None, eval_results=results)
-        except (UnknownModelError, ValueError, FileNotFoundError) as error:
-            print(f"ptmoe cards: error: {error}", file=sys.stderr)
-            return 2
+        results = load_eval_results(args.eval_results) if args.eval_results else None
+        paths = write_cards(args.out, names=args.names or None, eval_results=results)
         print(f"wrote {len(paths)} model cards under {args.out}/")
         return 0
 
@@ -81,11 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     def _cmd_convert_switch(args: argparse.Namespace) -> int:
         from .convert import convert_switch_to_folder
 
-        try:
-            out = convert_switch_to_folder(args.src, args.out, target=args.target, overwrite=args.overwrite)
-        except (ValueError, FileExistsError) as error:
-            print(f"ptmoe convert-switch: error: {error}", file=sys.stderr)
-            return 2
+        out = convert_switch_to_folder(args.src, args.out, target=args.target, overwrite=args.overwrite)
         print(f"MoE-T5 ({args.target}) written to {out}")
         return 0
 
@@ -97,7 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert_switch.add_argument(
         "--target", choices=["conditional_generation", "model", "encoder"], default="conditional_generation"
     )
-    convert_switch.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
+    convert_switch.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty output folder (after a successful conversion)",
+    )
     convert_switch.set_defaults(func=_cmd_convert_switch)
 
     # ptmoe demo: the offline end-to-end demo (ptmoe/demo.py).
@@ -116,7 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="offline end-to-end demo: tokenizer → dense BERT → upcycle → expert LoRA → 4-bit → Hub folder",
     )
-    demo.add_argument("--output-dir", default="outputs/demo", help="where every artefact is written")
+    demo.add_argument(
+        "--output-dir",
+        default="outputs/demo",
+        help="where every artefact is written (must be empty or missing)",
+    )
     demo.add_argument(
         "--quick", action="store_true", help="tiny sizes and one epoch per stage (about a minute)"
     )
@@ -130,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--top-k", dest="num_experts_per_tok", type=int, help="experts per token (default 2)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument(
-        "--no-overwrite", dest="overwrite", action="store_false", help="refuse a non-empty --output-dir"
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty --output-dir, once the demo has finished (it runs in a temporary folder beside it)",
     )
     demo.set_defaults(func=_cmd_demo)
 
@@ -138,8 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """Run `ptmoe` with `argv` (default `sys.argv[1:]`); returns the exit code (2 for a user error, one line)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    # `--debug` is accepted after the subcommand too, so every subcommand has it without declaring it
+    args = build_parser().parse_args([arg for arg in argv if arg != "--debug"])
+    return run_command(args.func, args, prog=f"ptmoe {args.command}", debug=debug)
 
 
 if __name__ == "__main__":

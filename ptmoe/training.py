@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .models.moe import check_local_checkpoint
 from .upcycling import UPCYCLING_METHODS
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,10 @@ class ModelArguments:
     )
 
     def __post_init__(self):
+        # A missing local folder is named as such now, not as an invalid Hub id after the data was loaded.
+        check_local_checkpoint(self.model_name_or_path, "--model_name_or_path")
+        if self.tokenizer_name is not None:
+            check_local_checkpoint(self.tokenizer_name, "--tokenizer_name")
         if self.tuning not in TUNING_CHOICES:
             raise ValueError(f"--tuning must be one of {TUNING_CHOICES}, got {self.tuning!r}")
         parse_expert_list(self.lora_experts)  # fail at parse time, not after loading the model
@@ -227,6 +232,7 @@ def load_raw_datasets(
     Raises:
         `ValueError`: no source or two sources given, a missing file or unsupported extension, no `train`
             split, or a Hub dataset that cannot be reached (e.g. offline and not cached).
+        `FileNotFoundError`: `dataset_name` is a local folder that does not exist.
     """
     import datasets
 
@@ -240,6 +246,10 @@ def load_raw_datasets(
             "--validation_file needs --train_file (with --dataset_name the splits come from the Hub)."
         )
 
+    if dataset_name is not None:
+        check_local_checkpoint(
+            dataset_name, "--dataset_name"
+        )  # a missing save_to_disk folder is not a Hub id
     if train_file is not None:
         builder = _data_builder(train_file, "--train_file")
         data_files = {"train": train_file}

@@ -910,8 +910,8 @@ def check_local_checkpoint(
     )
     if local:
         raise FileNotFoundError(
-            f"{argument} {text!r}: no such folder (current directory {os.getcwd()!r}). Check the path, or pass a "
-            "Hub id such as 'neuralmind/bert-base-portuguese-cased'."
+            f"{argument} {text!r}: no such folder (current directory {os.getcwd()!r}). Check the path; a Hub id "
+            "has the form 'name' or 'org/name'."
         )
 
 

@@ -156,7 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     # `--debug` is accepted after the subcommand too, so every subcommand has it without declaring it
-    args = build_parser().parse_args([arg for arg in argv if arg != "--debug"])
+    parser = build_parser()
+    args, unknown = parser.parse_known_args([arg for arg in argv if arg != "--debug"])
+    if unknown:  # reported by the subcommand's parser: `ptmoe <command>: error: …` like every other error
+        parser._subparsers._group_actions[0].choices[args.command].error(
+            f"unrecognized arguments: {' '.join(unknown)}"
+        )
     return run_command(args.func, args, prog=f"ptmoe {args.command}", debug=debug)
 
 

@@ -52,7 +52,13 @@ def error_line(error: BaseException) -> str:
     return text or type(error).__name__
 
 
-def run_command(function: Callable[..., Any], *args: Any, prog: str, debug: bool = False) -> int:
+def run_command(
+    function: Callable[..., Any],
+    *args: Any,
+    prog: str,
+    debug: bool = False,
+    user_errors: tuple[type[BaseException], ...] = (),
+) -> int:
     """Call `function(*args)` and turn a user error into one line on stderr and exit code 2.
 
     Args:
@@ -60,6 +66,7 @@ def run_command(function: Callable[..., Any], *args: Any, prog: str, debug: bool
         *args: its arguments.
         prog (`str`): the prefix of the error line, e.g. ``"ptmoe upcycle"`` or ``"train_mlm.py"``.
         debug (`bool`, defaults to `False`): re-raise user errors with their traceback (also with `PTMOE_DEBUG=1`).
+        user_errors (`tuple`, *optional*): more exception types that are user errors (e.g. `HubUploadError`).
 
     Returns:
         The exit code: the command's own, 2 for a user error, 130 when interrupted (Ctrl-C).
@@ -67,7 +74,7 @@ def run_command(function: Callable[..., Any], *args: Any, prog: str, debug: bool
     debug = debug or debug_requested()
     try:
         result = function(*args)
-    except USER_ERRORS as error:
+    except (*USER_ERRORS, *user_errors) as error:
         if debug:
             raise
         print(f"{prog}: error: {error_line(error)}", file=sys.stderr)

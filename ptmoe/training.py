@@ -99,6 +99,13 @@ class ModelArguments:
     router_telemetry: bool = field(
         default=True, metadata={"help": "Log router statistics per MoE layer and plot expert load."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train into a non-empty --output_dir, replacing the files the run writes (default: refuse it; "
+            "--resume_from_checkpoint also allows it)."
+        },
+    )
 
     def __post_init__(self):
         # A missing local folder is named as such now, not as an invalid Hub id after the data was loaded.
@@ -323,6 +330,8 @@ def start_run(
     setup_logging(training_args)
     set_seed(training_args.seed)
     do_train, do_eval = resolve_do_train_eval(training_args)
+    if do_train:
+        check_training_output_dir(training_args, model_args.overwrite_output_dir)
     raw = load_raw_datasets(
         data_args.dataset_name,
         data_args.dataset_config_name,
@@ -334,6 +343,24 @@ def start_run(
     )
     raw = limit_samples(raw, data_args.max_train_samples, data_args.max_eval_samples)
     return model_args, data_args, training_args, raw, do_train, do_eval
+
+
+def check_training_output_dir(training_args, overwrite: bool = False) -> None:
+    """Refuse to train into a non-empty `--output_dir` (the model files there would be replaced) before any work.
+
+    Allowed with `overwrite` (`--overwrite_output_dir`) or `--resume_from_checkpoint` (which reads from it).
+
+    Raises:
+        `FileExistsError` naming the folder and the two ways out.
+    """
+    out = Path(training_args.output_dir)
+    if overwrite or training_args.resume_from_checkpoint:
+        return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(
+            f"--output_dir {str(out)!r} exists and is not empty: training would replace the files in it. Pass "
+            "another --output_dir, --overwrite_output_dir to replace them, or --resume_from_checkpoint to continue."
+        )
 
 
 def limit_samples(raw_datasets, max_train_samples: int | None = None, max_eval_samples: int | None = None):
@@ -1558,6 +1585,7 @@ __all__ = [
     "add_expert_lora",
     "build_label_mapping",
     "build_ner_label_mapping",
+    "check_training_output_dir",
     "check_columns",
     "classification_metrics",
     "limit_samples",

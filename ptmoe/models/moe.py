@@ -962,6 +962,34 @@ def _conversion_errors_surfaced(name_or_path):
         logger.removeHandler(capture)
 
 
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _refuse_pickle_only_folder(name_or_path) -> None:
+    """A local folder with pickled weights and no safetensors gets a message that says so (not "file not found")."""
+    if not isinstance(name_or_path, (str, os.PathLike)) or not os.path.isdir(name_or_path):
+        return
+    names = os.listdir(name_or_path)
+    pickles = sorted(n for n in names if n.endswith(_PICKLE_SUFFIXES) and n != "training_args.bin")
+    if pickles and not any(n.endswith(".safetensors") for n in names):
+        raise ValueError(
+            f"{os.fspath(name_or_path)!r} holds only pickled weights ({', '.join(pickles[:3])}) and no .safetensors "
+            "file. ptmoe loads safetensors only, because unpickling can run arbitrary code: in an environment you "
+            "trust, load it with transformers and `save_pretrained` it again (safetensors is the default)."
+        )
+
+
+def _refuse_dense_checkpoint(model: nn.Module, loading_info: dict, name_or_path) -> None:
+    """A checkpoint without any expert or router weight is a dense one: say so and point at upcycling."""
+    moe_keys = [k for k in model.state_dict() if ".moe." in f".{k}"]
+    missing = set(loading_info.get("missing_keys", []))
+    if moe_keys and all(k in missing for k in moe_keys):
+        raise ValueError(
+            f"{os.fspath(name_or_path)!r} has no expert or router weights: it is a dense checkpoint. Turn it into a "
+            "MoE checkpoint first with `ptmoe.upcycle(...)` / `ptmoe upcycle --base ... --out ...`, then load that."
+        )
+
+
 def load_checked(from_pretrained, *args, **kwargs):
     """Run a `from_pretrained` and refuse the result when experts/routers do not match (see `check_expert_keys`).
 
@@ -981,11 +1009,23 @@ def load_checked(from_pretrained, *args, **kwargs):
         )
     name_or_path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
     check_local_checkpoint(name_or_path)
+    _refuse_pickle_only_folder(name_or_path)
+    # Pickled weights (`pytorch_model.bin`) can run code when loaded: ptmoe reads safetensors only.
+    kwargs.setdefault("use_safetensors", True)
     with _conversion_errors_surfaced(name_or_path):
-        model, loading_info = from_pretrained(
-            *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
-        )
+        try:
+            model, loading_info = from_pretrained(
+                *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+            )
+        except Exception as error:
+            if type(error).__name__ != "SafetensorError":  # safetensors' own error type, not imported here
+                raise
+            raise OSError(
+                f"A safetensors file of {os.fspath(name_or_path)!r} is damaged or incomplete ({error}): save or "
+                "download the checkpoint again."
+            ) from error
     disable_bnb_cpu_weight_repacking(model)
+    _refuse_dense_checkpoint(model, loading_info, name_or_path)
     check_expert_keys(loading_info, model.config)
     mismatched = loading_info.get("mismatched_keys", [])
     if mismatched and not ignore_mismatched_sizes:

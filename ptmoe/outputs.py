@@ -61,6 +61,7 @@ def staged_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> It
         The staging folder (`Path`), empty.
     """
     out = check_output_dir(out_dir, overwrite)
+    created = next((p for p in reversed(out.parents) if not p.exists()), None)  # outermost missing parent
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -79,6 +80,8 @@ def staged_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> It
             os.rename(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if created is not None and not any(p.is_file() for p in created.rglob("*")):  # parents made for `out`
+            shutil.rmtree(created, ignore_errors=True)
         raise
 
 

@@ -327,7 +327,7 @@ COMMANDS = [
     Command("convert-non-empty-out", "ptmoe", lambda ws: ["convert-switch", ws["switch"], str(ws.precious)], "not empty"),
     # ptmoe cards / list
     Command("cards-missing-results", "ptmoe", lambda ws: ["cards", "--eval-results", "results.json", "--out", "cards"], "results.json"),
-    Command("cards-unknown-model", "ptmoe", lambda ws: ["cards", "--out", "cards", "moe-gpt-99e"], "Unknown ptmoe model 'moe-gpt-99e'"),
+    Command("cards-unknown-model", "ptmoe", lambda ws: ["cards", "--out", "cards", "moe-bertimbau-base-top2-8e", "moe-gpt-99e"], "Unknown ptmoe model 'moe-gpt-99e'"),
     Command("list-bad-option", "ptmoe", lambda ws: ["list", "--counts"], "unrecognized arguments: --counts"),
     # ptmoe demo: validated before anything is written, never into a user's folder without --overwrite
     Command("demo-non-empty-output", "ptmoe", lambda ws: ["demo", "--quick", "--output-dir", str(ws.precious)], "not empty.*--overwrite"),
@@ -428,12 +428,13 @@ def test_demo_failure_leaves_no_partial_output(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "_run_stages", fail)
     (tmp_path / "demo").mkdir()
     (tmp_path / "demo" / "keep.txt").write_text("keep")
+    left = lambda: sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))  # noqa: E731
     with pytest.raises(OSError, match="No space left"):
         demo.run_demo(demo.DemoConfig.quick(output_dir=str(tmp_path / "demo"), overwrite=True))
-    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
-        "demo",
-        "demo/keep.txt",
-    ]
+    assert left() == ["demo", "demo/keep.txt"]
+    with pytest.raises(OSError, match="No space left"):  # parent folders made for the output go too
+        demo.run_demo(demo.DemoConfig.quick(output_dir=str(tmp_path / "runs" / "today" / "demo")))
+    assert left() == ["demo", "demo/keep.txt"]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         parser._subparsers._group_actions[0].choices[args.command].error(
             f"unrecognized arguments: {' '.join(unknown)}"
         )
-    return run_command(args.func, args, prog=f"ptmoe {args.command}", debug=debug)
+    return run_command(args.func, args, prog=f"ptmoe {args.command}", debug=debug, exit_on_sigterm=True)
 
 
 if __name__ == "__main__":

@@ -228,12 +228,11 @@ def _finetune_with_lora(model, lora_config, config, tokenizer, train_dataset, ou
 
 def run_demo(config: DemoConfig | None = None) -> DemoResult:
     """Run the whole demo; writes everything under `config.output_dir` and returns the measured numbers."""
-
     config = config or DemoConfig()
     config.validate()
     final_out = check_output_dir(config.output_dir, config.overwrite)  # refuse before any work
     with staged_output_dir(final_out, config.overwrite) as out:
-        result = _run_stages(config, out)
+        result = _run_stages(config, out, final_out)
         # Paths in the summary are where the files will be once the folder is in place.
         result.files = {
             name: str(final_out / Path(path).relative_to(out)) for name, path in result.files.items()
@@ -243,8 +242,8 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
     return result
 
 
-def _run_stages(config: DemoConfig, out: Path) -> DemoResult:
-    """Every stage of the demo, writing under `out` (the staging folder)."""
+def _run_stages(config: DemoConfig, out: Path, final_out: Path) -> DemoResult:
+    """Every stage of the demo, writing under `out` (the staging folder that becomes `final_out`)."""
     import datasets
 
     from . import bnb_4bit_config, expert_lora_config, upcycle
@@ -305,6 +304,7 @@ def _run_stages(config: DemoConfig, out: Path) -> DemoResult:
             method="copy",
             seed=config.seed,
         )
+        moe_mlm.config.upcycled_from = str(final_out / "dense-mlm")  # not the staging folder, which goes away
         batch = tokenizer(
             corpus[:16], truncation=True, max_length=config.max_length, padding=True, return_tensors="pt"
         )

@@ -24,7 +24,9 @@ Hub repo id.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -58,6 +60,7 @@ def run_command(
     prog: str,
     debug: bool = False,
     user_errors: tuple[type[BaseException], ...] = (),
+    exit_on_sigterm: bool = False,
 ) -> int:
     """Call `function(*args)` and turn a user error into one line on stderr and exit code 2.
 
@@ -67,11 +70,15 @@ def run_command(
         prog (`str`): the prefix of the error line, e.g. ``"ptmoe upcycle"`` or ``"train_mlm.py"``.
         debug (`bool`, defaults to `False`): re-raise user errors with their traceback (also with `PTMOE_DEBUG=1`).
         user_errors (`tuple`, *optional*): more exception types that are user errors (e.g. `HubUploadError`).
+        exit_on_sigterm (`bool`, defaults to `False`): turn SIGTERM into `SystemExit(143)` while `function` runs, so
+            a killed command still removes its staging folder. Off for the Trainer scripts: under torchrun a rank
+            blocked in a collective must stay killable by SIGTERM.
 
     Returns:
         The exit code: the command's own, 2 for a user error, 130 when interrupted (Ctrl-C).
     """
     debug = debug or debug_requested()
+    previous = _exit_on_sigterm() if exit_on_sigterm else None
     try:
         result = function(*args)
     except (*USER_ERRORS, *user_errors) as error:
@@ -84,7 +91,25 @@ def run_command(
             raise
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def _exit_on_sigterm():
+    """Make SIGTERM (`kill`, job schedulers) raise `SystemExit(143)`, so `finally` blocks remove partial output.
+
+    Python's default SIGTERM handling ends the process without unwinding, which would leave staging folders
+    behind. Returns the previous handler (None outside the main thread, where handlers cannot be set).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, terminate)
 
 
 def run_script(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> NoReturn:

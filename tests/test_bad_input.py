@@ -12,8 +12,9 @@ truncated one, a pickle-only one, …). After the row, both trees must be exactl
 removed, and no new file or folder (no partial output, no staging leftovers).
 
 Two real subprocesses at the end prove that the entry points print no traceback; `--debug` and `PTMOE_DEBUG=1`
-bring it back (tested in-process). `test_every_subcommand_rejects_an_unknown_option` discovers the subcommands, so
-commands added later are covered without a new row.
+bring it back (tested in-process). `test_every_subcommand_rejects_an_unknown_option` and
+`test_every_script_uses_the_error_path` discover the subcommands and scripts, so ones added later are covered
+without a new row.
 """
 
 from __future__ import annotations
@@ -380,6 +381,24 @@ def test_every_subcommand_rejects_an_unknown_option(capsys):
         )
 
 
+SCRIPTS = sorted(path.stem for path in (REPO / "scripts").glob("*.py"))
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_script_uses_the_error_path(name, capsys, monkeypatch, tmp_path):
+    """Discovered from scripts/: each ends with `run_script(main)` and answers a bad option with one line, exit 2."""
+    source = (REPO / "scripts" / f"{name}.py").read_text(encoding="utf-8")
+    assert "run_script(main)" in source, f"scripts/{name}.py: end it with `run_script(main)` (ptmoe.errors)"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [f"scripts/{name}.py", "--no-such-option"])
+    with pytest.raises(SystemExit) as exit_:
+        run_script(load_script(name).main)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err, err
+    assert re.search(rf"^{name}\.py: error: ", err, re.M), err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_internal_bugs_keep_their_traceback():
     """Only user errors become one line: a bug (here a TypeError) propagates with its traceback."""
     from ptmoe.errors import run_command
@@ -418,10 +437,29 @@ def test_overwrite_replaces_only_after_success(tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["new.txt", "out"]
 
 
+def test_killed_command_removes_its_staging_folder(tmp_path):
+    """`kill` (SIGTERM) during a `ptmoe` command unwinds like Ctrl-C: the staging folder goes, the handler is restored."""
+    import signal
+
+    from ptmoe.errors import run_command
+    from ptmoe.outputs import staged_output_dir
+
+    def command(out):
+        with staged_output_dir(out) as staging:
+            (staging / "model.safetensors").write_bytes(b"half")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_:
+        run_command(command, tmp_path / "out", prog="ptmoe x", exit_on_sigterm=True)
+    assert exit_.value.code == 143 and list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is handler
+
+
 def test_demo_failure_leaves_no_partial_output(tmp_path, monkeypatch):
     from ptmoe import demo
 
-    def fail(config, out):
+    def fail(config, out, final_out):
         (out / "tokenizer").mkdir()
         raise OSError("No space left on device")
 

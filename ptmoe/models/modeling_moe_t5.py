@@ -418,12 +418,15 @@ class MoeT5Stack(MoeT5PreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         prefix = "decoder_" if self.is_decoder else ""  # the argument names of the encoder-decoder models
         input_shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
+        mask_2d = attention_mask is not None and attention_mask.dim() == 2
+        # The past length is only needed to check a 2-D mask (some caches count it with a tensor reduction).
+        past_length = cache.get_seq_length() if self.is_decoder and cache is not None and mask_2d else 0
         check_input_shapes(
             input_shape,
             attention_mask,
             ids_name=prefix + ("input_ids" if input_ids is not None else "inputs_embeds"),
             mask_name=prefix + "attention_mask",
-            past_length=cache.get_seq_length() if self.is_decoder and cache is not None else 0,
+            past_length=past_length,
         )
         if encoder_hidden_states is not None:
             check_input_shapes(

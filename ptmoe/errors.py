@@ -40,6 +40,10 @@ class UserError(Exception):
     """An error the user fixes (input, environment), reported as one line by the CLI and the scripts."""
 
 
+class MissingDependencyError(UserError, ImportError):
+    """An optional package a feature needs is not installed; the message says what to install."""
+
+
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, UserError)
 
 
@@ -124,6 +128,7 @@ def run_script(main: Callable[[list[str]], Any], argv: list[str] | None = None) 
 
 __all__ = [
     "DEBUG_ENV",
+    "MissingDependencyError",
     "USER_ERRORS",
     "UserError",
     "check_local_checkpoint",

@@ -31,6 +31,7 @@ from transformers import BitsAndBytesConfig
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
 
+from .errors import MissingDependencyError
 from .lora import expert_lora_config
 from .models.moe import disable_bnb_cpu_weight_repacking
 
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 
 def _require_bitsandbytes(what: str) -> None:
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ImportError(
+        raise MissingDependencyError(
             f"{what} needs the bitsandbytes package, which is not installed: `pip install bitsandbytes` "
             "(it runs on CPU too), or use `ptmoe.quantize_dynamic_int8` for CPU inference without it."
         )
@@ -70,7 +71,7 @@ def bnb_4bit_config(
             or `"fp4"` (bitsandbytes' default, which we do not recommend).
 
     Raises:
-        ImportError: bitsandbytes is not installed.
+        `ptmoe.errors.MissingDependencyError` (an `ImportError`): bitsandbytes is not installed.
         ValueError: an unknown `quant_type` or `compute_dtype`, or `skip_modules` that is not a list of names.
     """
     _require_bitsandbytes("4-bit loading")

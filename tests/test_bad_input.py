@@ -41,7 +41,7 @@ from ptmoe import training
 from ptmoe.cli import build_parser
 from ptmoe.cli import main as cli_main
 from ptmoe.convert import convert_switch_to_folder
-from ptmoe.errors import run_script
+from ptmoe.errors import MissingDependencyError, run_script
 from ptmoe.metrics import load_metric
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,6 +194,13 @@ def _forward_t5(ws, **inputs):
     return ws.models["t5"](**inputs)
 
 
+def _bnb_config_without_bitsandbytes(ws):
+    from unittest import mock
+
+    with mock.patch("importlib.util.find_spec", return_value=None):
+        return ptmoe.bnb_4bit_config()
+
+
 def _train_args(ws, *flags):
     return training.parse_arguments(
         (training.ModelArguments, training.DataArguments, TrainingArguments),
@@ -246,6 +253,7 @@ LIBRARY = [
     Case("bnb-integer-compute-dtype", lambda ws: ptmoe.bnb_4bit_config(compute_dtype=torch.int8), ValueError, "`compute_dtype`"),
     Case("bnb-quant-type", lambda ws: ptmoe.bnb_4bit_config(quant_type="int4"), ValueError, "`quant_type` must be 'nf4' or 'fp4'"),
     Case("bnb-skip-modules-string", lambda ws: ptmoe.bnb_4bit_config(skip_modules="classifier"), ValueError, "`skip_modules` must be a list"),
+    Case("bnb-not-installed", _bnb_config_without_bitsandbytes, MissingDependencyError, "pip install bitsandbytes"),
     Case("int8-needs-fp32", lambda ws: ptmoe.quantize_dynamic_int8(ptmoe.MoeBertModel(_bert_config()).to(torch.bfloat16)), ValueError, "needs an fp32 model"),
     Case("footprint-bits", lambda ws: ptmoe.estimate_quantized_footprint(ws.models["bert"], bits=3), ValueError, "`bits` must be 4 or 8"),
     # zoo, metrics, conversion

@@ -32,16 +32,26 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Pat
         The absolute output path.
 
     Raises:
-        `FileExistsError` with what to do instead.
+        `FileExistsError` with what to do instead; `ValueError` when `overwrite` would replace the working
+        directory, one of its parents or the home directory.
     """
     out = Path(os.path.abspath(out_dir))  # "." or "out/" need a real name and parent for the staging folder
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output path {str(out)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"output directory {str(out)!r} exists and is not empty; choose another directory or pass "
-            "overwrite=True (`--overwrite` on the command line) to replace it"
-        )
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"output directory {str(out)!r} exists and is not empty; choose another directory or pass "
+                "overwrite=True (`--overwrite` on the command line) to replace it"
+            )
+        # Replacing means deleting the old folder at the end: never the working directory, its parents or home.
+        cwd, home = Path.cwd().resolve(), Path.home().resolve()
+        resolved = out.resolve()
+        if resolved == cwd or resolved in cwd.parents or resolved == home or resolved in home.parents:
+            raise ValueError(
+                f"refusing to replace {str(out)!r}: it is the current directory, one of its parents or the home "
+                "directory. Write into a new sub-folder instead (e.g. --output-dir ./outputs/run1)."
+            )
     return out
 
 

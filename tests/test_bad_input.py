@@ -340,6 +340,7 @@ COMMANDS = [
     Command("list-bad-option", "ptmoe", lambda ws: ["list", "--counts"], "unrecognized arguments: --counts"),
     # ptmoe demo: validated before anything is written, never into a user's folder without --overwrite
     Command("demo-non-empty-output", "ptmoe", lambda ws: ["demo", "--quick", "--output-dir", str(ws.precious)], "not empty.*--overwrite"),
+    Command("demo-overwrite-working-dir", "ptmoe", lambda ws: ["demo", "--quick", "--output-dir", ".", "--overwrite"], "refusing to replace .*current directory"),
     Command("demo-output-is-a-file", "ptmoe", lambda ws: ["demo", "--quick", "--output-dir", str(ws.precious / "README.md")], "is not a directory"),
     Command("demo-one-expert", "ptmoe", lambda ws: ["demo", "--quick", "--experts", "1", "--output-dir", "demo"], "--experts must be >= 2"),
     Command("demo-top-k", "ptmoe", lambda ws: ["demo", "--quick", "--top-k", "5", "--output-dir", "demo"], r"`num_experts_per_tok` \(5\) cannot be larger"),

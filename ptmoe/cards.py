@@ -720,10 +720,13 @@ def write_cards(
     unknown = sorted(set(eval_results) - set(zoo.MODEL_REGISTRY))
     if unknown:
         raise zoo.UnknownModelError(f"evaluation results for unregistered models: {', '.join(unknown)}")
-    written = []
+    # Render and validate every card before writing any: a bad name or card leaves the folder as it was.
+    cards = {}
     for name in names if names is not None else zoo.list_models():
-        text = render_card(name, eval_results.get(name), template_path=template_path)
-        validate_card(text)
+        cards[name] = render_card(name, eval_results.get(name), template_path=template_path)
+        validate_card(cards[name])
+    written = []
+    for name, text in cards.items():
         path = Path(out_dir) / name / "README.md"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .models.moe import check_local_checkpoint
 from .upcycling import UPCYCLING_METHODS
 
 logger = logging.getLogger(__name__)
@@ -105,8 +106,19 @@ class ModelArguments:
             "default: the checkpoint's `expert_dropout`."
         },
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train into a non-empty --output_dir, replacing the files the run writes (default: refuse it; "
+            "--resume_from_checkpoint also allows it)."
+        },
+    )
 
     def __post_init__(self):
+        # A missing local folder is named as such now, not as an invalid Hub id after the data was loaded.
+        check_local_checkpoint(self.model_name_or_path, "--model_name_or_path")
+        if self.tokenizer_name is not None:
+            check_local_checkpoint(self.tokenizer_name, "--tokenizer_name")
         if self.tuning not in TUNING_CHOICES:
             raise ValueError(f"--tuning must be one of {TUNING_CHOICES}, got {self.tuning!r}")
         parse_expert_list(self.lora_experts)  # fail at parse time, not after loading the model
@@ -236,6 +248,7 @@ def load_raw_datasets(
     Raises:
         `ValueError`: no source or two sources given, a missing file or unsupported extension, no `train`
             split, or a Hub dataset that cannot be reached (e.g. offline and not cached).
+        `FileNotFoundError`: `dataset_name` is a local folder that does not exist.
     """
     import datasets
 
@@ -249,6 +262,10 @@ def load_raw_datasets(
             "--validation_file needs --train_file (with --dataset_name the splits come from the Hub)."
         )
 
+    if dataset_name is not None:
+        check_local_checkpoint(
+            dataset_name, "--dataset_name"
+        )  # a missing save_to_disk folder is not a Hub id
     if train_file is not None:
         builder = _data_builder(train_file, "--train_file")
         data_files = {"train": train_file}
@@ -322,6 +339,8 @@ def start_run(
     setup_logging(training_args)
     set_seed(training_args.seed)
     do_train, do_eval = resolve_do_train_eval(training_args)
+    if do_train:
+        check_training_output_dir(training_args, model_args.overwrite_output_dir)
     raw = load_raw_datasets(
         data_args.dataset_name,
         data_args.dataset_config_name,
@@ -333,6 +352,24 @@ def start_run(
     )
     raw = limit_samples(raw, data_args.max_train_samples, data_args.max_eval_samples)
     return model_args, data_args, training_args, raw, do_train, do_eval
+
+
+def check_training_output_dir(training_args, overwrite: bool = False) -> None:
+    """Refuse to train into a non-empty `--output_dir` (the model files there would be replaced) before any work.
+
+    Allowed with `overwrite` (`--overwrite_output_dir`) or `--resume_from_checkpoint` (which reads from it).
+
+    Raises:
+        `FileExistsError` naming the folder and the two ways out.
+    """
+    out = Path(training_args.output_dir)
+    if overwrite or training_args.resume_from_checkpoint:
+        return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(
+            f"--output_dir {str(out)!r} exists and is not empty: training would replace the files in it. Pass "
+            "another --output_dir, --overwrite_output_dir to replace them, or --resume_from_checkpoint to continue."
+        )
 
 
 def limit_samples(raw_datasets, max_train_samples: int | None = None, max_eval_samples: int | None = None):
@@ -1566,6 +1603,7 @@ __all__ = [
     "add_expert_lora",
     "build_label_mapping",
     "build_ner_label_mapping",
+    "check_training_output_dir",
     "check_columns",
     "classification_metrics",
     "limit_samples",

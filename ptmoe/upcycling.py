@@ -46,10 +46,6 @@ import hashlib
 import importlib
 import logging
 import os
-import shutil
-import sys
-import tempfile
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +55,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, PreTrainedModel
 
-from .models.moe import ROUTER_TYPES, count_parameters
+from .models.moe import ROUTER_TYPES, check_local_checkpoint, count_parameters
+from .outputs import check_output_dir, staged_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -1059,6 +1056,7 @@ def upcycle(
 
     if isinstance(dense, (str, os.PathLike)):
         source = os.fspath(dense)
+        check_local_checkpoint(source, "dense")
         config_kwargs = {k: v for k, v in load_kwargs.items() if k in _CONFIG_LOAD_KWARGS}
         dense_config = AutoConfig.from_pretrained(source, **config_kwargs)
         arch = architecture_for_checkpoint(dense_config, task)
@@ -1132,23 +1130,6 @@ def upcycle(
 # --------------------------------------------------------------------------------------------------------------
 # Saving: all or nothing
 # --------------------------------------------------------------------------------------------------------------
-def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse an output path that is a file, or a non-empty directory unless `overwrite`.
-
-    Raises:
-        `FileExistsError` with what to do instead.
-    """
-    out = Path(os.path.abspath(out_dir))  # "." or "out/" need a real name and parent for the staging folder
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output path {str(out)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"output directory {str(out)!r} exists and is not empty; choose another directory or pass "
-            "overwrite=True (`--overwrite` on the command line) to replace it"
-        )
-    return out
-
-
 _TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -1212,26 +1193,10 @@ def save_upcycled(
     out = check_output_dir(out_dir, overwrite)
     if tokenizer is None:
         tokenizer = _source_tokenizer(getattr(model.config, "upcycled_from", None))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    backup = out.parent / f".{out.name}.old-{uuid.uuid4().hex}"
-    try:
+    with staged_output_dir(out, overwrite) as staging:
         model.save_pretrained(staging)
         if tokenizer:
             tokenizer.save_pretrained(staging)
-        if out.exists():
-            os.rename(out, backup)
-            try:
-                os.rename(staging, out)
-            except BaseException:
-                os.rename(backup, out)
-                raise
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.rename(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
@@ -1322,33 +1287,30 @@ def _routing_overrides(args: argparse.Namespace) -> dict:
 def run_upcycle_command(args: argparse.Namespace) -> int:
     """`ptmoe upcycle`: upcycle `--base`, save to `--out`, print total vs active parameter counts.
 
-    Bad input (an existing `--out`, an unsupported architecture, invalid MoE values) prints one error line and
-    returns exit code 2, as argparse does for bad arguments.
+    Bad input (an existing `--out`, a missing `--base` folder, an unsupported architecture, invalid MoE values)
+    raises; `ptmoe.cli.main` prints it as one error line with exit code 2 (see `ptmoe.errors`).
     """
-    try:
-        check_output_dir(args.out, args.overwrite)  # fail before the (long) upcycling, not after
-        model = upcycle(
-            args.base,
-            num_experts=args.experts,
-            num_experts_per_tok=args.top_k,
-            moe_layers=args.moe_layers,
-            encoder_moe_layers=args.encoder_moe_layers,
-            decoder_moe_layers=args.decoder_moe_layers,
-            method=args.method,
-            router_type=args.router,
-            seed=args.seed,
-            router_init=args.router_init,
-            noise_std=args.noise_std,
-            drop_ratio=args.drop_ratio,
-            partition=args.partition,
-            task=args.task,
-            progress=not args.no_progress,
-            **_routing_overrides(args),
-        )
-        out = save_upcycled(model, args.out, overwrite=args.overwrite)
-    except (FileExistsError, ValueError) as error:
-        print(f"ptmoe upcycle: error: {error}", file=sys.stderr)
-        return 2
+    check_output_dir(args.out, args.overwrite)  # fail before the (long) upcycling, not after
+    check_local_checkpoint(args.base, "--base")
+    model = upcycle(
+        args.base,
+        num_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        moe_layers=args.moe_layers,
+        encoder_moe_layers=args.encoder_moe_layers,
+        decoder_moe_layers=args.decoder_moe_layers,
+        method=args.method,
+        router_type=args.router,
+        seed=args.seed,
+        router_init=args.router_init,
+        noise_std=args.noise_std,
+        drop_ratio=args.drop_ratio,
+        partition=args.partition,
+        task=args.task,
+        progress=not args.no_progress,
+        **_routing_overrides(args),
+    )
+    out = save_upcycled(model, args.out, overwrite=args.overwrite)
     counts = count_parameters(model)
     config = model.config
     print(

@@ -20,9 +20,8 @@ Hub id, columns, labels, protocol and published anchors live in `ptmoe/evaluatio
 The results JSON feeds the model card: `ptmoe cards --eval-results out/eval/results.json --model-dir bertimbau-moe-8x`.
 """
 
-import sys
-
+from ptmoe.errors import run_script
 from ptmoe.evaluation.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run_script(main)

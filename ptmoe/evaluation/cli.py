@@ -6,7 +6,6 @@ Thin: the work is `ptmoe.evaluation.run.evaluate_suites` (and `few_shot.evaluate
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from .suites import SUITE_GROUPS, SUITES
@@ -194,15 +193,10 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `scripts/evaluate_pt.py`: one-line errors, exit status 2."""
+    """Entry point of `scripts/evaluate_pt.py` (its user errors become one line through `ptmoe.errors.run_script`)."""
     parser = add_evaluate_arguments(
         argparse.ArgumentParser(
             prog="evaluate_pt.py", description="Fine-tune and evaluate on the Portuguese suites."
         )
     )
-    args = parser.parse_args(argv)
-    try:
-        return run_evaluate_command(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"evaluate_pt.py: error: {error}", file=sys.stderr)
-        return 2
+    return run_evaluate_command(parser.parse_args(argv))

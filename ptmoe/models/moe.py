@@ -12,8 +12,13 @@ only torch and transformers — never ``ptmoe``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
+import logging
+import math
+import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -68,8 +73,22 @@ def resolve_moe_layers(
     return sorted(layers)
 
 
+def check_finite_fields(config) -> None:
+    """Refuse nan/inf in every float field of `config` (and in lists of floats), naming the field.
+
+    One check over all fields, so float fields added later (and BERT's/T5's own, such as dropout rates) are
+    covered too: a nan or inf coefficient would silently turn every training loss into nan/inf.
+    """
+    for name, value in vars(config).items():
+        values = value if isinstance(value, (list, tuple)) else (value,)
+        for item in values:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError(f"`{name}` must be a finite number, got {value!r}")
+
+
 def validate_moe_fields(config) -> None:
     """Raise a `ValueError` naming the field for every invalid MoE value of `config` (checked at construction)."""
+    check_finite_fields(config)
     if not isinstance(config.num_experts, int) or config.num_experts < 1:
         raise ValueError(f"`num_experts` must be an integer >= 1, got {config.num_experts!r}")
     k = config.num_experts_per_tok
@@ -240,6 +259,67 @@ class MoeConfigMixin:
         Example: ``MoeBertConfig.switch(num_experts=8)`` or ``MoeT5Config.switch(num_experts=8)``.
         """
         return cls(**{**SWITCH_PRESET, **kwargs})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Input checks at the top of the forwards: shapes only (no tensor values, so no host sync in the hot path)
+# --------------------------------------------------------------------------------------------------------------
+def check_input_shapes(
+    input_shape: Sequence[int],
+    attention_mask: torch.Tensor | None = None,
+    *,
+    ids_name: str = "input_ids",
+    mask_name: str = "attention_mask",
+    max_positions: int | None = None,
+    past_length: int = 0,
+    **same_shape: torch.Tensor | None,
+) -> None:
+    """Refuse inputs whose shapes do not fit, with a `ValueError` naming the argument, before any tensor code runs.
+
+    Without this a wrong mask or an over-long sequence ends in a broadcasting `RuntimeError` inside a router or an
+    `IndexError` in the position embeddings.
+
+    Args:
+        input_shape (`Sequence[int]`): `(batch_size, sequence_length)` of `input_ids` (or of `inputs_embeds` without
+            its hidden dimension).
+        attention_mask (`torch.Tensor`, *optional*): a 2-D padding mask must be `(batch_size, past_length +
+            sequence_length)`; 4-D masks are taken as they are.
+        ids_name (`str`), mask_name (`str`): the argument names used in messages.
+        max_positions (`int`, *optional*): learned absolute positions (`max_position_embeddings`); `past_length +
+            sequence_length` must not exceed it.
+        past_length (`int`, defaults to 0): tokens already in the cache (decoders).
+        **same_shape: other `(batch_size, sequence_length)` inputs by argument name (e.g. `token_type_ids`).
+    """
+    if len(input_shape) != 2:
+        raise ValueError(
+            f"`{ids_name}` must have shape (batch_size, sequence_length), got {tuple(input_shape)}: add the batch "
+            "dimension (e.g. `input_ids.unsqueeze(0)`, or `return_tensors='pt'` in the tokenizer)."
+        )
+    batch_size, seq_length = input_shape
+    if seq_length == 0:
+        raise ValueError(f"`{ids_name}` is empty (sequence length 0): pass at least one token per sequence.")
+    total = past_length + seq_length
+    if max_positions is not None and total > max_positions:
+        raise ValueError(
+            f"`{ids_name}` has {total} tokens per sequence but the model has {max_positions} positions "
+            f"(`max_position_embeddings`): truncate the input (e.g. `truncation=True, max_length={max_positions}` "
+            "in the tokenizer)."
+        )
+    if attention_mask is not None and attention_mask.dim() != 4:
+        if tuple(attention_mask.shape) != (batch_size, total):
+            expected = f"({batch_size}, {total})" + (
+                f" = past {past_length} + {seq_length} new" if past_length else ""
+            )
+            raise ValueError(
+                f"`{mask_name}` has shape {tuple(attention_mask.shape)} but `{ids_name}` needs {expected} "
+                "(batch_size, sequence_length): build both with the same tokenizer call, with the same padding."
+            )
+    for name, tensor in same_shape.items():
+        if tensor is not None and tuple(tensor.shape) != (batch_size, seq_length):
+            raise ValueError(
+                f"`{name}` has shape {tuple(tensor.shape)} but `{ids_name}` has ({batch_size}, {seq_length}): they "
+                "must have the same shape."
+            )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1123,6 +1203,121 @@ def reduce_unused_expert_gradients(model: nn.Module) -> bool:
     return True
 
 
+def check_local_checkpoint(
+    name_or_path: str | os.PathLike, argument: str = "pretrained_model_name_or_path"
+) -> None:
+    """Refuse a local checkpoint path that does not exist, naming `argument` (transformers would call it a repo id).
+
+    A value counts as a local path when it is a `PathLike`, is absolute, starts with `.` or `~`, contains a
+    backslash or more than one `/` (Hub ids have at most one), or when its first component is an existing folder
+    (``outputs/moe`` while ``outputs/`` exists). Anything else may be a Hub id and is left to transformers.
+
+    Args:
+        name_or_path (`str` or `os.PathLike`): a folder or a Hub id.
+        argument (`str`): how the caller names it in messages, e.g. ``"--base"``.
+
+    Raises:
+        `FileNotFoundError`: the local folder does not exist. `NotADirectoryError`: it is a file.
+    """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        return
+    text = os.fspath(name_or_path)
+    path = os.path.expanduser(text)
+    if os.path.isdir(path):
+        return
+    if os.path.exists(path):
+        raise NotADirectoryError(f"{argument} {text!r} is a file: pass the folder that holds config.json")
+    first = text.replace("\\", "/").split("/")[0]
+    local = (
+        not isinstance(name_or_path, str)
+        or os.path.isabs(path)
+        or text.startswith((".", "~"))
+        or "\\" in text
+        or text.count("/") > 1
+        or (text.count("/") == 1 and bool(first) and os.path.isdir(first))
+    )
+    if local:
+        raise FileNotFoundError(
+            f"{argument} {text!r}: no such folder (current directory {os.getcwd()!r}). Check the path; a Hub id "
+            "has the form 'name' or 'org/name'."
+        )
+
+
+_CONVERSION_FAILED = "issues during automatic conversion of the weights"
+_EXCEPTION_LINE = re.compile(r"^\s*(\w+(?:Error|Exception)): (.+)$")
+
+
+class _WarningCapture(logging.Handler):
+    """Keeps the messages of one logger while loading (transformers logs conversion failures, then raises)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _conversion_errors_surfaced(name_or_path):
+    """Turn transformers' "issues during automatic conversion of the weights" into a `ValueError` with the cause.
+
+    transformers (5.x) catches the exception of a failed weight conversion (e.g. a bitsandbytes setting it
+    rejects), writes its traceback into the loading report it logs, and raises a `RuntimeError` that only points
+    at the log. The cause is the last "SomeError: message" line of that report.
+    """
+    logger = logging.getLogger("transformers")  # the report goes to a child logger (modeling_utils)
+    capture = _WarningCapture()
+    logger.addHandler(capture)
+    try:
+        yield
+    except RuntimeError as error:
+        if _CONVERSION_FAILED not in str(error):
+            raise
+        causes = [
+            match.group(1, 2)
+            for message in capture.messages
+            for match in map(_EXCEPTION_LINE.match, message.splitlines())
+            if match
+        ]
+        cause = f"{causes[-1][0]}: {causes[-1][1]}" if causes else "see the CONVERSION entries logged above"
+        raise ValueError(
+            f"Loading {os.fspath(name_or_path)!r} failed while converting its weights: {cause}. Check the "
+            "`quantization_config` (e.g. `bnb_4bit_quant_type` must be 'nf4' or 'fp4'; `ptmoe.bnb_4bit_config()` "
+            "validates its settings) and that the checkpoint matches the model class."
+        ) from error
+    finally:
+        logger.removeHandler(capture)
+
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _refuse_pickle_only_folder(name_or_path) -> None:
+    """A local folder with pickled weights and no safetensors gets a message that says so (not "file not found")."""
+    if not isinstance(name_or_path, (str, os.PathLike)) or not os.path.isdir(name_or_path):
+        return
+    names = os.listdir(name_or_path)
+    pickles = sorted(n for n in names if n.endswith(_PICKLE_SUFFIXES) and n != "training_args.bin")
+    if pickles and not any(n.endswith(".safetensors") for n in names):
+        raise ValueError(
+            f"{os.fspath(name_or_path)!r} holds only pickled weights ({', '.join(pickles[:3])}) and no .safetensors "
+            "file. ptmoe loads safetensors only, because unpickling can run arbitrary code: in an environment you "
+            "trust, load it with transformers and `save_pretrained` it again (safetensors is the default)."
+        )
+
+
+def _refuse_dense_checkpoint(model: nn.Module, loading_info: dict, name_or_path) -> None:
+    """A checkpoint without any expert or router weight is a dense one: say so and point at upcycling."""
+    moe_keys = [k for k in model.state_dict() if ".moe." in f".{k}"]
+    missing = set(loading_info.get("missing_keys", []))
+    if moe_keys and all(k in missing for k in moe_keys):
+        raise ValueError(
+            f"{os.fspath(name_or_path)!r} has no expert or router weights: it is a dense checkpoint. Turn it into a "
+            "MoE checkpoint first with `ptmoe.upcycle(...)` / `ptmoe upcycle --base ... --out ...`, then load that."
+        )
+
+
 def load_checked(from_pretrained, *args, **kwargs):
     """Run a `from_pretrained` and refuse the result when experts/routers do not match (see `check_expert_keys`).
 
@@ -1140,11 +1335,26 @@ def load_checked(from_pretrained, *args, **kwargs):
         kwargs["quantization_config"] = keep_modules_unquantized(
             kwargs["quantization_config"], getattr(model_class, "_modules_to_not_quantize", None)
         )
-    model, loading_info = from_pretrained(
-        *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
-    )
+    name_or_path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+    check_local_checkpoint(name_or_path)
+    _refuse_pickle_only_folder(name_or_path)
+    # Pickled weights (`pytorch_model.bin`) can run code when loaded: ptmoe reads safetensors only.
+    kwargs.setdefault("use_safetensors", True)
+    with _conversion_errors_surfaced(name_or_path):
+        try:
+            model, loading_info = from_pretrained(
+                *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+            )
+        except Exception as error:
+            if type(error).__name__ != "SafetensorError":  # safetensors' own error type, not imported here
+                raise
+            raise OSError(
+                f"A safetensors file of {os.fspath(name_or_path)!r} is damaged or incomplete ({error}): save or "
+                "download the checkpoint again."
+            ) from error
     disable_bnb_cpu_weight_repacking(model)
     reduce_unused_expert_gradients(model)
+    _refuse_dense_checkpoint(model, loading_info, name_or_path)
     check_expert_keys(loading_info, model.config)
     mismatched = loading_info.get("mismatched_keys", [])
     if mismatched and not ignore_mismatched_sizes:

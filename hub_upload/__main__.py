@@ -125,12 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit code 2 and one line `hub_upload <command>: error: ...` for bad input (ptmoe's error path)."""
+    from ptmoe.errors import run_command
+
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (HubUploadError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    return run_command(args.func, args, prog=f"hub_upload {args.command}", user_errors=(HubUploadError,))
 
 
 if __name__ == "__main__":

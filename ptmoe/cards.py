@@ -153,12 +153,21 @@ def as_eval_results(results: Iterable[EvalResult | Mapping[str, Any]] | None) ->
 
 
 def load_eval_results(path: str | os.PathLike) -> dict[str, list[EvalResult]]:
-    """Read `{model name: [result, ...]}` from a JSON file (results as in `as_eval_results`).
+    """Read `{model name: [result, ...]}` from a JSON file (results as in `as_eval_results`), or the results file
+    written by `ptmoe evaluate` (`ptmoe.evaluation.run.results_to_eval_results`: one entry per suite, the mean over
+    seeds).
 
     Args:
         path (`str` or `os.PathLike`): the JSON file.
     """
-    data = json.loads(Path(path).read_text())
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not a JSON file ({error})") from None
+    from .evaluation.run import is_results_file, results_to_eval_results
+
+    if is_results_file(data):
+        data = results_to_eval_results(data)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object mapping model names to lists of results")
     return {name: as_eval_results(results) or [] for name, results in data.items()}
@@ -350,6 +359,26 @@ def _routing_section(config) -> str:
             "Hash routing (Roller et al. 2021): each token id is assigned to fixed experts by a deterministic table; "
             "the router has no trainable parameters and no routing loss."
         )
+    if config.router_type == "expert_choice":
+        capacity = getattr(config, "expert_capacity_factor", None) or config.num_experts_per_tok
+        decoder = getattr(config, "decoder_router_type", None)
+        return (
+            "Expert-choice routing (Zhou et al. 2022) in the encoder: in every sequence each of the "
+            f"{config.num_experts} experts takes the {capacity} × (tokens ÷ experts) tokens it scores highest (a "
+            "router computed in fp32) and weights its output by that score, so every expert does the same work and a "
+            f"token uses {capacity} experts on average (possibly none: the residual connection carries it). "
+            + (f"The decoder routes with `{decoder}` token choice. " if decoder else "")
+            + f"Training adds the router z-loss (coefficient {config.router_z_loss_coef}); no load-balancing loss is "
+            "needed."
+        )
+    if config.router_type == "hierarchical":
+        groups, per_tok = config.router_groups, config.num_groups_per_tok
+        return (
+            f"Hierarchical routing (Jordan & Jacobs 1994): the {config.num_experts} experts form {groups} groups; a "
+            f"group gate picks {per_tok} group(s) per token, then an expert gate picks "
+            f"{config.num_experts_per_tok // per_tok} expert(s) inside each, and an expert's output is weighted by "
+            f"the product of the two gates (both computed in fp32). {losses} Both are averaged over the two levels."
+        )
     noisy = " with learned Gaussian noise on the router logits in training (Shazeer et al. 2017)" * (
         config.router_type == "noisy_topk"
     )
@@ -492,12 +521,21 @@ def _evaluation_section(eval_results: Sequence[EvalResult] | None) -> str:
             "No evaluation results yet. They are added to this card (and to its `model-index` metadata) with "
             "`ptmoe cards --eval-results results.json`."
         )
-    rows = [
-        f"| {r.task_name or r.task_type} | {r.dataset_name} | {r.dataset_split or ''} | "
-        f"{r.metric_name or r.metric_type} | {r.metric_value} |"
-        for r in eval_results
-    ]
-    return "| Task | Dataset | Split | Metric | Value |\n|---|---|---|---|---|\n" + "\n".join(rows)
+    from .evaluation.suites import anchors_for
+
+    rows = []
+    for r in eval_results:
+        # Published numbers of dense models on the same suite, printed beside ours (never in `model-index`).
+        anchors = anchors_for(r.dataset_type, r.dataset_config, r.metric_type)
+        published = ", ".join(f"{a.model} {a.value:g}" for a in anchors) or "–"
+        rows.append(
+            f"| {r.task_name or r.task_type} | {r.dataset_name} | {r.dataset_split or ''} | "
+            f"{r.metric_name or r.metric_type} | {r.metric_value} | {published} |"
+        )
+    return (
+        "| Task | Dataset | Split | Metric | Value | Published (dense models) |\n|---|---|---|---|---|---|\n"
+        + "\n".join(rows)
+    )
 
 
 def _limitations_section(entry: ZooEntry, config) -> str:
@@ -620,6 +658,7 @@ def card_for_model_dir(
     eval_results: Iterable[EvalResult | Mapping[str, Any]] | None = None,
     training: str | None = None,
     template_path: str | os.PathLike | None = None,
+    license: str | None = None,
 ) -> str:
     """Render the card of a saved ptmoe model folder (what `hub_upload prepare` writes when no card is given).
 
@@ -631,6 +670,8 @@ def card_for_model_dir(
         model_dir (`str` or `os.PathLike`): the folder (with `config.json`).
         zoo_name (`str`, *optional*): the registry name this checkpoint is a version of.
         repo_id, eval_results, training, template_path: as in `render_card`.
+        license (`str`, *optional*): the Hub licence of the checkpoint, when its dense source is not registered
+            (otherwise the card says "other" and does not validate).
     """
     from transformers import AutoConfig
 
@@ -651,6 +692,8 @@ def card_for_model_dir(
         entry = replace(entry, architecture=architecture, pipeline_tag=task_of(architecture)[0], hub_id=None)
     else:
         entry = entry_from_config(config, name)
+    if license is not None:
+        entry = replace(entry, dense_license=license)
     return render_card(
         entry, eval_results, config=config, repo_id=repo_id, training=training, template_path=template_path
     )
@@ -677,15 +720,60 @@ def write_cards(
     unknown = sorted(set(eval_results) - set(zoo.MODEL_REGISTRY))
     if unknown:
         raise zoo.UnknownModelError(f"evaluation results for unregistered models: {', '.join(unknown)}")
-    written = []
+    # Render and validate every card before writing any: a bad name or card leaves the folder as it was.
+    cards = {}
     for name in names if names is not None else zoo.list_models():
-        text = render_card(name, eval_results.get(name), template_path=template_path)
-        validate_card(text)
+        cards[name] = render_card(name, eval_results.get(name), template_path=template_path)
+        validate_card(cards[name])
+    written = []
+    for name, text in cards.items():
         path = Path(out_dir) / name / "README.md"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         written.append(path)
     return written
+
+
+def write_folder_card(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    eval_results: Mapping[str, Iterable[EvalResult | Mapping[str, Any]]] | None = None,
+    eval_results_path: str | os.PathLike | None = None,
+    license: str | None = None,
+) -> Path:
+    """Render, validate and write the card of a trained folder to `<out_dir>/<name>/README.md`.
+
+    Args:
+        model_dir (`str`): the ptmoe folder (with `config.json`).
+        out_dir (`str`): where the card goes.
+        eval_results (`dict[str, list]`, *optional*): results per model name (`load_eval_results`); the entry named
+            like the folder is used, or the only entry when there is one.
+        eval_results_path (`str`, *optional*): the results file (named in errors).
+        license (`str`, *optional*): as in `card_for_model_dir`.
+    """
+    name = Path(model_dir).resolve().name
+    results = None
+    if eval_results:
+        if name in eval_results:
+            results = eval_results[name]
+        elif len(eval_results) == 1:
+            name, results = next(iter(eval_results.items()))
+        else:
+            raise ValueError(
+                f"{eval_results_path or 'the results'} holds results for {sorted(eval_results)}, none named {name!r}"
+            )
+    if not (Path(model_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"--model-dir {model_dir}: no config.json there (not a saved model folder)")
+    if license is not None and license not in HUB_LICENSES:
+        raise ValueError(
+            f"--license {license!r} is not a Hub licence identifier (e.g. apache-2.0, mit, cc-by-4.0)"
+        )
+    text = card_for_model_dir(model_dir, eval_results=results, license=license)
+    validate_card(text)
+    path = Path(out_dir) / name / "README.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -761,4 +849,5 @@ __all__ = [
     "task_of",
     "validate_card",
     "write_cards",
+    "write_folder_card",
 ]

@@ -1,12 +1,20 @@
 """The `ptmoe` command. Each subcommand is thin: it parses arguments and calls a library function.
 
 ptmoe info                      versions and registered model types
+
+Errors: a subcommand reports bad input by raising `ValueError` / `OSError` (`FileNotFoundError`, `FileExistsError`,
+…) / `ptmoe.errors.UserError`; `main` prints it as one line `ptmoe <command>: error: <message>` and exits with 2
+(`ptmoe.errors.run_command`). `--debug` (anywhere on the line) or `PTMOE_DEBUG=1` shows the traceback instead.
+Commands that write a folder refuse a non-empty one unless `--overwrite`, and write through
+`ptmoe.outputs.staged_output_dir`.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from .errors import DEBUG_ENV, run_command
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -24,6 +32,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptmoe", description="Mixture-of-Experts models for Portuguese.")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"show the full traceback of an error instead of one line (also: {DEBUG_ENV}=1); accepted anywhere",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     info = commands.add_parser("info", help="print versions and registered model types")
@@ -46,17 +59,23 @@ def build_parser() -> argparse.ArgumentParser:
     list_parser.add_argument("--no-counts", action="store_true", help="skip the parameter-count columns")
     list_parser.set_defaults(func=_cmd_list)
 
-    # ptmoe cards [--out model_cards] [--eval-results FILE]: write every zoo model card (ptmoe/cards.py).
+    # ptmoe cards [--out model_cards] [--eval-results FILE] [--model-dir DIR]: write every zoo model card, or the
+    # card of one trained folder (ptmoe/cards.py).
     def _cmd_cards(args: argparse.Namespace) -> int:
-        from .cards import load_eval_results, write_cards
-        from .zoo import UnknownModelError
+        from .cards import load_eval_results, write_cards, write_folder_card
 
-        try:
-            results = load_eval_results(args.eval_results) if args.eval_results else None
-            paths = write_cards(args.out, names=args.names or None, eval_results=results)
-        except (UnknownModelError, ValueError, FileNotFoundError) as error:
-            print(f"ptmoe cards: error: {error}", file=sys.stderr)
-            return 2
+        results = load_eval_results(args.eval_results) if args.eval_results else None
+        if args.model_dir:
+            path = write_folder_card(
+                args.model_dir,
+                args.out,
+                eval_results=results,
+                eval_results_path=args.eval_results,
+                license=args.license,
+            )
+            print(f"wrote {path}")
+            return 0
+        paths = write_cards(args.out, names=args.names or None, eval_results=results)
         print(f"wrote {len(paths)} model cards under {args.out}/")
         return 0
 
@@ -64,9 +83,36 @@ def build_parser() -> argparse.ArgumentParser:
         "cards", help="generate the model cards of the zoo (model_cards/<name>/README.md)"
     )
     cards.add_argument("--out", default="model_cards", help="output folder (default: model_cards)")
-    cards.add_argument("--eval-results", metavar="FILE", help="JSON {model name: [EvalResult fields, ...]}")
+    cards.add_argument(
+        "--eval-results",
+        metavar="FILE",
+        help="results.json of `ptmoe evaluate`, or JSON {model name: [EvalResult fields, ...]}",
+    )
+    cards.add_argument(
+        "--model-dir",
+        metavar="DIR",
+        help="write the card of this trained ptmoe folder (to OUT/<name>/README.md)",
+    )
+    cards.add_argument(
+        "--license", help="with --model-dir: the checkpoint's Hub licence if its source is unregistered"
+    )
     cards.add_argument("names", nargs="*", help="only these zoo names (default: all)")
     cards.set_defaults(func=_cmd_cards)
+
+    # ptmoe evaluate: fine-tune + evaluate on the Portuguese suites (ptmoe/evaluation).
+    def _cmd_evaluate(args: argparse.Namespace) -> int:
+        from .evaluation.cli import run_evaluate_command
+
+        return run_evaluate_command(args)
+
+    from .evaluation.cli import add_evaluate_arguments
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="fine-tune and evaluate on ASSIN 2 / HAREM / LeNER-Br over seeds, next to the dense source",
+    )
+    add_evaluate_arguments(evaluate)
+    evaluate.set_defaults(func=_cmd_evaluate)
 
     # upcycle: dense BERT / RoBERTa / T5 checkpoint → MoE checkpoint (ptmoe/upcycling.py)
     from .upcycling import add_upcycle_arguments, run_upcycle_command
@@ -90,11 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     def _cmd_convert_switch(args: argparse.Namespace) -> int:
         from .convert import convert_switch_to_folder
 
-        try:
-            out = convert_switch_to_folder(args.src, args.out, target=args.target, overwrite=args.overwrite)
-        except (ValueError, FileExistsError) as error:
-            print(f"ptmoe convert-switch: error: {error}", file=sys.stderr)
-            return 2
+        out = convert_switch_to_folder(args.src, args.out, target=args.target, overwrite=args.overwrite)
         print(f"MoE-T5 ({args.target}) written to {out}")
         return 0
 
@@ -106,7 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert_switch.add_argument(
         "--target", choices=["conditional_generation", "model", "encoder"], default="conditional_generation"
     )
-    convert_switch.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
+    convert_switch.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty output folder (after a successful conversion)",
+    )
     convert_switch.set_defaults(func=_cmd_convert_switch)
 
     # ptmoe demo: the offline end-to-end demo (ptmoe/demo.py).
@@ -125,7 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="offline end-to-end demo: tokenizer → dense BERT → upcycle → expert LoRA → 4-bit → Hub folder",
     )
-    demo.add_argument("--output-dir", default="outputs/demo", help="where every artefact is written")
+    demo.add_argument(
+        "--output-dir",
+        default="outputs/demo",
+        help="where every artefact is written (must be empty or missing)",
+    )
     demo.add_argument(
         "--quick", action="store_true", help="tiny sizes and one epoch per stage (about a minute)"
     )
@@ -139,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--top-k", dest="num_experts_per_tok", type=int, help="experts per token (default 2)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument(
-        "--no-overwrite", dest="overwrite", action="store_false", help="refuse a non-empty --output-dir"
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty --output-dir, once the demo has finished (it runs in a temporary folder beside it)",
     )
     demo.set_defaults(func=_cmd_demo)
 
@@ -147,8 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """Run `ptmoe` with `argv` (default `sys.argv[1:]`); returns the exit code (2 for a user error, one line)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    # `--debug` is accepted after the subcommand too, so every subcommand has it without declaring it
+    parser = build_parser()
+    args, unknown = parser.parse_known_args([arg for arg in argv if arg != "--debug"])
+    if unknown:  # reported by the subcommand's parser: `ptmoe <command>: error: …` like every other error
+        parser._subparsers._group_actions[0].choices[args.command].error(
+            f"unrecognized arguments: {' '.join(unknown)}"
+        )
+    return run_command(args.func, args, prog=f"ptmoe {args.command}", debug=debug, exit_on_sigterm=True)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,8 @@ from .models.modeling_moe_t5 import (
     MoeT5Model,
     MoeT5PreTrainedModel,
 )
+from .models.moe import check_local_checkpoint
+from .outputs import check_output_dir, staged_output_dir
 
 # target name → (MoE-T5 class, the SwitchTransformers class loaded from a path, accepted source classes)
 TARGETS: dict[
@@ -223,6 +225,7 @@ _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder"
 
 def _load_source(model_or_path, target: str, **from_pretrained_kwargs) -> PreTrainedModel:
     if isinstance(model_or_path, (str, os.PathLike)):
+        check_local_checkpoint(model_or_path, "source")
         # Read config.json alone first: the format is checked before any weight is loaded.
         hub_kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in _HUB_KWARGS}
         config_dict, _ = PreTrainedConfig.get_config_dict(model_or_path, **hub_kwargs)
@@ -349,27 +352,23 @@ def convert_switch_to_folder(
 
     Args:
         source (`str` or `os.PathLike`): folder or Hub id of a `SwitchTransformers*` checkpoint.
-        output_dir (`str` or `os.PathLike`): where to write; must be empty or missing unless `overwrite`.
+        output_dir (`str` or `os.PathLike`): where to write; must be empty or missing unless `overwrite`. The folder
+            is written next to it and moved into place at the end (`ptmoe.outputs.staged_output_dir`).
         target (`str`): see [`convert_switch_transformers`].
-        overwrite (`bool`, defaults to `False`): write into a non-empty `output_dir` (existing files are replaced).
+        overwrite (`bool`, defaults to `False`): replace a non-empty `output_dir` (once the conversion succeeded).
 
     Returns:
         The output folder.
     """
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ValueError(f"{os.fspath(output_dir)!r} exists and is not a folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"{os.fspath(output_dir)!r} is not empty; pass overwrite=True (--overwrite) to write into it"
-        )
+    output_dir = check_output_dir(output_dir, overwrite)  # before loading anything
     model = convert_switch_transformers(source, target=target, **from_pretrained_kwargs)
-    model.save_pretrained(output_dir)
-    source_dir = Path(source)
-    if source_dir.is_dir():
-        for name in _TOKENIZER_FILES:
-            if (source_dir / name).is_file():
-                shutil.copy2(source_dir / name, output_dir / name)
+    with staged_output_dir(output_dir, overwrite) as staging:
+        model.save_pretrained(staging)
+        source_dir = Path(source)
+        if source_dir.is_dir():
+            for name in _TOKENIZER_FILES:
+                if (source_dir / name).is_file():
+                    shutil.copy2(source_dir / name, staging / name)
     return output_dir
 
 

@@ -5,13 +5,16 @@
         ──► accuracy vs the dense model fine-tuned the same way ──► merged model reloaded in 4-bit NF4
         ──► Hub-ready folder verified with trust_remote_code in a fresh process ──► summary table + plots
 
-Nothing is downloaded: the tokenizer, the dense model and the data are all built or shipped here.
+Nothing is downloaded: the tokenizer, the dense model and the data are all built or shipped here. Data goes
+through the same `ptmoe.training` functions as the Trainer scripts (tokenisation, labels, training arguments,
+metrics). Every input is validated first; the demo runs in a temporary folder beside `--output-dir` and moves it
+into place at the end, so a non-empty `--output-dir` is replaced only with `--overwrite` and only after success.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -26,13 +29,17 @@ from transformers import (
     BertTokenizerFast,
     DataCollatorForLanguageModeling,
     DataCollatorWithPadding,
+    EvalPrediction,
     Trainer,
     TrainingArguments,
     set_seed,
 )
 
+from . import training
+from .models.configuration_moe_bert import MoeBertConfig
 from .models.modeling_moe_bert import MoeBertForSequenceClassification
 from .models.moe import count_parameters
+from .outputs import check_output_dir, staged_output_dir
 
 
 @dataclass
@@ -55,8 +62,41 @@ class DemoConfig:
     learning_rate_pretrain: float = 1e-3
     learning_rate_finetune: float = 2e-3
     batch_size: int = 32
-    overwrite: bool = True
+    overwrite: bool = False
     verify_hub_folder: bool = True
+
+    def validate(self) -> None:
+        """Raise a `ValueError` naming the field (the CLI flag) for every invalid value, before anything is written."""
+        flags = {
+            "pretrain_epochs": "--pretrain-epochs",
+            "finetune_epochs": "--finetune-epochs",
+            "num_experts": "--experts",
+            "num_experts_per_tok": "--top-k",
+        }
+        for name in (
+            "pretrain_epochs",
+            "finetune_epochs",
+            "learning_rate_pretrain",
+            "learning_rate_finetune",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{flags.get(name, name)} must be a finite number > 0, got {value!r}")
+        for name, minimum in (("batch_size", 1), ("lora_r", 1), ("max_length", 8), ("vocab_size", 100)):
+            if getattr(self, name) < minimum:
+                raise ValueError(f"`{name}` must be >= {minimum}, got {getattr(self, name)!r}")
+        if self.num_experts < 2:
+            raise ValueError(f"--experts must be >= 2 (a MoE needs several experts), got {self.num_experts}")
+        # The MoE fields and the shape are checked by the config classes themselves (one set of rules).
+        MoeBertConfig(
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            intermediate_size=self.intermediate_size,
+            num_experts=self.num_experts,
+            num_experts_per_tok=self.num_experts_per_tok,
+            moe_layers=1,
+        )
 
     @classmethod
     def quick(cls, **overrides) -> DemoConfig:
@@ -121,56 +161,53 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path) -> BertTok
     return fast
 
 
-def _training_args(config: DemoConfig, out: Path, epochs: float, lr: float, **extra) -> TrainingArguments:
-    return TrainingArguments(
-        output_dir=str(out),
-        num_train_epochs=epochs,
-        learning_rate=lr,
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=64,
-        warmup_steps=0.1,  # a float below 1 is a ratio of the training steps
-        weight_decay=0.01,
-        logging_steps=10,
-        save_strategy="no",
-        report_to=[],
-        seed=config.seed,
-        use_cpu=True,
-        disable_tqdm=False,
-        **extra,
+def _training_args(config: DemoConfig, out: Path, epochs: float, lr: float) -> TrainingArguments:
+    """The Trainer arguments, parsed from flags by `ptmoe.training.parse_arguments` exactly as the scripts do."""
+    flags = {
+        "output_dir": out,
+        "num_train_epochs": epochs,
+        "learning_rate": lr,
+        "per_device_train_batch_size": config.batch_size,
+        "per_device_eval_batch_size": 64,
+        "warmup_steps": 0.1,  # a float below 1 is a ratio of the training steps
+        "weight_decay": 0.01,
+        "logging_steps": 10,
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": config.seed,
+        "use_cpu": True,
+        "disable_tqdm": False,
+    }
+    (arguments,) = training.parse_arguments(
+        (TrainingArguments,), [item for name, value in flags.items() for item in (f"--{name}", str(value))]
     )
+    return arguments
 
 
-def _tokenize(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
-    encoded = tokenizer([r["text"] for r in rows], truncation=True, max_length=max_length)
-    return [
-        {"input_ids": ids, "attention_mask": mask, **({"labels": r["label"]} if "label" in r else {})}
-        for ids, mask, r in zip(encoded["input_ids"], encoded["attention_mask"], rows, strict=True)
-    ]
+def _evaluate_classifier(model, dataset, tokenizer, label_mapping: training.LabelMapping) -> dict[str, float]:
+    """`ptmoe.training.classification_metrics` (accuracy, F1) of `model` on a tokenised split.
 
-
-def _accuracy(model, tokenizer, rows: list[dict], max_length: int) -> float:
+    A plain loop rather than `Trainer.evaluate`, because the Trainer refuses a purely 4-bit model.
+    """
+    collate = DataCollatorWithPadding(tokenizer)
+    to_predictions = training.logits_to_predictions("classification")
+    predictions, references = [], []
     model.eval()
-    correct = 0
     with torch.no_grad():
-        for start in range(0, len(rows), 64):
-            chunk = rows[start : start + 64]
-            batch = tokenizer(
-                [r["text"] for r in chunk],
-                truncation=True,
-                max_length=max_length,
-                padding=True,
-                return_tensors="pt",
-            )
-            predictions = model(**batch).logits.argmax(-1)
-            correct += int((predictions == torch.tensor([r["label"] for r in chunk])).sum())
-    return correct / len(rows)
+        for start in range(0, len(dataset), 64):
+            batch = collate([dataset[i] for i in range(start, min(start + 64, len(dataset)))])
+            references.append(batch.pop("labels"))
+            predictions.append(to_predictions(model(**batch).logits, None))
+    return training.classification_metrics(label_mapping)(
+        EvalPrediction(predictions=torch.cat(predictions).numpy(), label_ids=torch.cat(references).numpy())
+    )
 
 
 def _folder_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*.safetensors")) / 2**20
 
 
-def _finetune_with_lora(model, lora_config, config, tokenizer, train_rows, out: Path, callbacks=()):
+def _finetune_with_lora(model, lora_config, config, tokenizer, train_dataset, out: Path, callbacks=()):
     """Expert/FFN LoRA fine-tuning on the sentiment set; returns the merged full-precision model."""
     from peft import get_peft_model
 
@@ -181,7 +218,7 @@ def _finetune_with_lora(model, lora_config, config, tokenizer, train_rows, out: 
     trainer = Trainer(
         model=peft_model,
         args=_training_args(config, out, config.finetune_epochs, config.learning_rate_finetune),
-        train_dataset=_tokenize(tokenizer, train_rows, config.max_length),
+        train_dataset=train_dataset,
         data_collator=DataCollatorWithPadding(tokenizer),
         callbacks=list(callbacks),
     )
@@ -191,22 +228,39 @@ def _finetune_with_lora(model, lora_config, config, tokenizer, train_rows, out: 
 
 def run_demo(config: DemoConfig | None = None) -> DemoResult:
     """Run the whole demo; writes everything under `config.output_dir` and returns the measured numbers."""
+    config = config or DemoConfig()
+    config.validate()
+    final_out = check_output_dir(config.output_dir, config.overwrite)  # refuse before any work
+    with staged_output_dir(final_out, config.overwrite) as out:
+        result = _run_stages(config, out, final_out)
+        # Paths in the summary are where the files will be once the folder is in place.
+        result.files = {
+            name: str(final_out / Path(path).relative_to(out)) for name, path in result.files.items()
+        }
+        (out / "summary.json").write_text(json.dumps(asdict(result), indent=2), encoding="utf-8")
+    print_summary(result)
+    return result
+
+
+def _run_stages(config: DemoConfig, out: Path, final_out: Path) -> DemoResult:
+    """Every stage of the demo, writing under `out` (the staging folder that becomes `final_out`)."""
+    import datasets
+
     from . import bnb_4bit_config, expert_lora_config, upcycle
     from .telemetry import RouterTelemetryCallback
 
-    config = config or DemoConfig()
-    out = Path(config.output_dir)
-    if out.exists() and any(out.iterdir()):
-        if not config.overwrite:
-            raise FileExistsError(f"{out} is not empty: pass --overwrite or another --output-dir")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
     set_seed(config.seed)
     result = DemoResult()
     corpus = [
         line for line in _data_file("corpus.txt").read_text(encoding="utf-8").splitlines() if line.strip()
     ]
-    train_rows, test_rows = _read_jsonl("sentiment_train.jsonl"), _read_jsonl("sentiment_test.jsonl")
+    sentiment = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list(_read_jsonl("sentiment_train.jsonl")),
+            "validation": datasets.Dataset.from_list(_read_jsonl("sentiment_test.jsonl")),
+        }
+    )
+    labels = training.build_label_mapping(sentiment, "label")
 
     with _stage(result, "1. tokenizer (WordPiece on the shipped corpus)"):
         tokenizer = train_tokenizer(corpus, config.vocab_size, out / "tokenizer")
@@ -228,7 +282,13 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
             args=_training_args(
                 config, out / "dense-mlm", config.pretrain_epochs, config.learning_rate_pretrain
             ),
-            train_dataset=_tokenize(tokenizer, [{"text": t} for t in corpus], config.max_length),
+            train_dataset=training.tokenize_for_mlm(
+                datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": corpus})}),
+                tokenizer,
+                "text",
+                max_seq_length=config.max_length,
+                line_by_line=True,
+            )["train"],
             data_collator=DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15),
         )
         result.metrics["dense MLM loss (last)"] = trainer.train().training_loss
@@ -244,6 +304,7 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
             method="copy",
             seed=config.seed,
         )
+        moe_mlm.config.upcycled_from = str(final_out / "dense-mlm")  # not the staging folder, which goes away
         batch = tokenizer(
             corpus[:16], truncation=True, max_length=config.max_length, padding=True, return_tensors="pt"
         )
@@ -257,17 +318,22 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
         result.params["dense"] = {"total": dense_mlm.num_parameters(), "active": dense_mlm.num_parameters()}
         result.params["MoE"] = count_parameters(moe_mlm)
 
+    sentiment = training.tokenize_classification(
+        sentiment, tokenizer, "text", "label", labels, max_seq_length=config.max_length
+    )
     telemetry = RouterTelemetryCallback(log_expert_load=False)
     with _stage(result, "4. fine-tune MoE-BERT with LoRA per expert (sentiment)"):
         set_seed(config.seed)
-        moe_cls = MoeBertForSequenceClassification.from_pretrained(out / "moe-mlm", num_labels=2)
+        moe_cls = MoeBertForSequenceClassification.from_pretrained(out / "moe-mlm", **labels.model_kwargs())
         lora = expert_lora_config(moe_cls, r=config.lora_r, alpha=2 * config.lora_r, include_attention=True)
         lora.modules_to_save = sorted(set(lora.modules_to_save or []) | {"classifier", "pooler"})
         moe_merged, share = _finetune_with_lora(
-            moe_cls, lora, config, tokenizer, train_rows, out / "moe-finetune", callbacks=[telemetry]
+            moe_cls, lora, config, tokenizer, sentiment["train"], out / "moe-finetune", callbacks=[telemetry]
         )
         result.metrics["MoE LoRA trainable share"] = share
-        result.metrics["MoE accuracy (fp32)"] = _accuracy(moe_merged, tokenizer, test_rows, config.max_length)
+        result.metrics["MoE accuracy (fp32)"] = _evaluate_classifier(
+            moe_merged, sentiment["validation"], tokenizer, labels
+        )["accuracy"]
         moe_merged.save_pretrained(out / "moe-sentiment")
         tokenizer.save_pretrained(out / "moe-sentiment")
         result.files["expert load heatmap"] = str(out / "moe-finetune" / "expert_load.png")
@@ -276,7 +342,7 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
         from peft import LoraConfig
 
         set_seed(config.seed)
-        dense_cls = BertForSequenceClassification.from_pretrained(out / "dense-mlm", num_labels=2)
+        dense_cls = BertForSequenceClassification.from_pretrained(out / "dense-mlm", **labels.model_kwargs())
         dense_lora = LoraConfig(
             r=config.lora_r,
             lora_alpha=2 * config.lora_r,
@@ -284,17 +350,19 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
             modules_to_save=["classifier", "pooler"],
         )
         dense_merged, _ = _finetune_with_lora(
-            dense_cls, dense_lora, config, tokenizer, train_rows, out / "dense-ft"
+            dense_cls, dense_lora, config, tokenizer, sentiment["train"], out / "dense-ft"
         )
-        result.metrics["dense accuracy (fp32)"] = _accuracy(
-            dense_merged, tokenizer, test_rows, config.max_length
-        )
+        result.metrics["dense accuracy (fp32)"] = _evaluate_classifier(
+            dense_merged, sentiment["validation"], tokenizer, labels
+        )["accuracy"]
 
     with _stage(result, "6. reload the fine-tuned MoE in 4-bit NF4 (bitsandbytes)"):
         moe_4bit = MoeBertForSequenceClassification.from_pretrained(
             out / "moe-sentiment", quantization_config=bnb_4bit_config(compute_dtype=torch.float32)
         )
-        result.metrics["MoE accuracy (4-bit)"] = _accuracy(moe_4bit, tokenizer, test_rows, config.max_length)
+        result.metrics["MoE accuracy (4-bit)"] = _evaluate_classifier(
+            moe_4bit, sentiment["validation"], tokenizer, labels
+        )["accuracy"]
         result.sizes_mb["MoE fp32 in memory"] = moe_merged.get_memory_footprint() / 2**20
         result.sizes_mb["MoE 4-bit in memory"] = moe_4bit.get_memory_footprint() / 2**20
         result.sizes_mb["MoE fp32 on disk"] = _folder_mb(out / "moe-sentiment")
@@ -315,8 +383,6 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
             )
             result.files["expert load heatmap"] = str(path)
 
-    print_summary(result)
-    (out / "summary.json").write_text(json.dumps(asdict(result), indent=2), encoding="utf-8")
     return result
 
 

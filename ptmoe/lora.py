@@ -232,8 +232,9 @@ def expert_lora_config(
     heads (tied to the embeddings) and base models get no head.
 
     Raises:
-        ValueError: a layer that is not an MoE layer, an expert id out of range, an unknown projection, a
-            `rank_pattern` entry outside the selection, or a selection that matches no module.
+        ValueError: a rank below 1 or a dropout outside [0, 1), a layer that is not an MoE layer, an expert id out
+            of range, an unknown projection, a `rank_pattern` entry outside the selection, or a selection that matches
+            no module.
     """
     from peft import LoraConfig
 
@@ -241,6 +242,10 @@ def expert_lora_config(
         raise TypeError(
             "`target_modules` is built by expert_lora_config; select modules with `experts=` instead"
         )
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"`r` (the LoRA rank) must be an integer >= 1, got {r!r}")
+    if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}")
     model = _transformers_model(model)
     layers = moe_layers(model)
     selection = _resolve_selection(layers, experts)

@@ -31,6 +31,7 @@ from transformers import BitsAndBytesConfig
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
 
+from .errors import MissingDependencyError
 from .lora import expert_lora_config
 from .models.moe import disable_bnb_cpu_weight_repacking
 
@@ -40,10 +41,14 @@ if TYPE_CHECKING:
 
 def _require_bitsandbytes(what: str) -> None:
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ImportError(
+        raise MissingDependencyError(
             f"{what} needs the bitsandbytes package, which is not installed: `pip install bitsandbytes` "
             "(it runs on CPU too), or use `ptmoe.quantize_dynamic_int8` for CPU inference without it."
         )
+
+
+# Matmul dtypes bitsandbytes 4-bit layers compute in.
+COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def bnb_4bit_config(
@@ -66,11 +71,27 @@ def bnb_4bit_config(
             or `"fp4"` (bitsandbytes' default, which we do not recommend).
 
     Raises:
-        ImportError: bitsandbytes is not installed.
+        `ptmoe.errors.MissingDependencyError` (an `ImportError`): bitsandbytes is not installed.
+        ValueError: an unknown `quant_type` or `compute_dtype`, or `skip_modules` that is not a list of names.
     """
     _require_bitsandbytes("4-bit loading")
     if quant_type not in ("nf4", "fp4"):
         raise ValueError(f"`quant_type` must be 'nf4' or 'fp4', got {quant_type!r}")
+    if isinstance(compute_dtype, str):  # "bfloat16" / "torch.float32", as in config files
+        compute_dtype = getattr(torch, compute_dtype.removeprefix("torch."), compute_dtype)
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"`compute_dtype` must be one of {[str(d) for d in COMPUTE_DTYPES]} (or their names such as 'bfloat16'), "
+            f"got {compute_dtype!r}"
+        )
+    if not isinstance(double_quant, bool):
+        raise ValueError(f"`double_quant` must be True or False, got {double_quant!r}")
+    if skip_modules is not None and (
+        isinstance(skip_modules, str) or not all(isinstance(name, str) and name for name in skip_modules)
+    ):
+        raise ValueError(
+            f"`skip_modules` must be a list of module names such as ['classifier'], got {skip_modules!r}"
+        )
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant_type,

@@ -4,9 +4,12 @@ Every `SparseMoeBlock` returns `(output, RouterOutput)`; a forward hook on each 
 every batch without touching the model. Per MoE layer, over the real (non-padding) tokens, we report:
 
 ``load`` (one value per expert)
-    share of the routing decisions that chose each expert: ``load_e = #(token, slot) assignments to e / (T · k)``
-    for ``T`` real tokens and ``k`` experts per token, counted *before* capacity drops (the ``f_e`` of the Switch
-    load-balancing loss). Sums to 1; a perfectly balanced layer has ``load_e = 1 / E``.
+    share of the routing decisions that chose each expert: ``load_e = #(token, expert) assignments to e / A``
+    with ``A`` all assignments of the ``T`` real tokens (``T · k`` for token-choice routers, counted *before*
+    capacity drops: the ``f_e`` of the Switch load-balancing loss; for expert choice, the tokens the experts
+    picked). Sums to 1; a perfectly balanced layer has ``load_e = 1 / E``.
+``group_load`` (hierarchical routers only, one value per group)
+    the summed ``load`` of each group's experts (each chosen expert lies in a chosen group).
 ``load_std`` / ``load_max``
     population standard deviation and maximum of ``load`` over experts (0 and ``1 / E`` when balanced).
 ``router_entropy``
@@ -17,10 +20,15 @@ every batch without touching the model. Per MoE layer, over the real (non-paddin
     0 = every token on one expert). A confident router (low ``router_entropy``) can still be balanced (high
     ``load_entropy``); that combination is the goal of load balancing.
 ``drop_rate``
-    share of the ``T · k`` assignments of real tokens that were not dispatched (Switch expert capacity overflow);
-    0 for routers without capacity (with `router_top_p`, the slots a token did not need count here too).
+    share of the assignments of real tokens that were not dispatched (Switch expert capacity overflow); 0 for
+    routers without capacity (with `router_top_p`, the slots a token did not need count here too).
 ``experts_per_token``
-    mean number of routed experts a real token was dispatched to (k, or less with `router_top_p` / drops).
+    dispatched assignments per real token: the experts that really computed for a token on average (k for top-k,
+    fewer with `router_top_p`; below 1 when Switch drops tokens; the capacity factor for expert choice, where it
+    varies per token).
+``unrouted_rate``
+    share of real tokens that reached no expert (Switch: dropped; expert choice: picked by no expert). Their MoE
+    output is zero and the residual connection carries them.
 ``aux_loss`` / ``z_loss``
     load-balancing (`load_balancing_loss`) and router z-loss (`router_z_loss`) recomputed from the
     `RouterOutput`, averaged over forward passes; 0 for routers without parameters (hash), as in the models.
@@ -43,7 +51,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .models.moe import RouterOutput, SparseMoeBlock, load_balancing_loss, router_z_loss
+from .models.moe import RouterOutput, SparseMoeBlock, layer_router_losses
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +63,15 @@ LAYER_STAT_KEYS = (
     "load_entropy",
     "drop_rate",
     "experts_per_token",
+    "unrouted_rate",
     "aux_loss",
     "z_loss",
 )
 
 # Layout of one layer's accumulator vector: these sums, then one token count per expert. A flat vector lets all
 # layers be summed across data-parallel ranks with a single all_reduce.
-_TOKENS, _ASSIGNMENTS, _DISPATCHED, _ENTROPY_SUM, _AUX_SUM, _Z_SUM, _FORWARDS = range(7)
-_NUM_SUMS = 7
+_TOKENS, _ASSIGNMENTS, _DISPATCHED, _ENTROPY_SUM, _AUX_SUM, _Z_SUM, _FORWARDS, _ROUTED_TOKENS = range(8)
+_NUM_SUMS = 8
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -117,38 +126,42 @@ def _routing_sums(routing: RouterOutput) -> torch.Tensor:
     """One batch's contribution to a layer's accumulator: `(_NUM_SUMS + E,)` fp32 on the router's device."""
     token_mask = routing.token_mask  # (B, S)
     router_probs = routing.router_probs.detach()[token_mask]  # (T, E)
-    topk_index = routing.topk_index[token_mask]  # (T, k)
+    topk_index = routing.topk_index[token_mask]  # (T, k), -1 = empty slot (expert choice)
     dispatched = routing.dispatch_mask[token_mask]  # (T, k)
     num_experts = router_probs.shape[-1]
-    counts = torch.bincount(topk_index.reshape(-1), minlength=num_experts).float()  # (E,)
+    assigned = topk_index[topk_index >= 0]
+    counts = torch.bincount(assigned, minlength=num_experts).float()  # (E,)
     entropy_sum = -torch.special.xlogy(router_probs, router_probs).sum()
     if routing.learned and router_probs.shape[0] > 0:
-        aux = load_balancing_loss(routing.router_probs.detach(), routing.topk_index, token_mask)
-        z = router_z_loss(routing.router_logits.detach(), token_mask)
+        losses = layer_router_losses(routing)  # the models' own definition, per router kind
+        aux, z = losses.aux_loss.detach(), losses.z_loss.detach()
     else:  # hash routing has nothing to learn: the models report 0 for these losses too
         aux = z = router_probs.new_zeros(())
     sums = torch.stack(
         [
             router_probs.new_tensor(float(router_probs.shape[0])),
-            router_probs.new_tensor(float(topk_index.numel())),
+            router_probs.new_tensor(float(assigned.numel())),
             dispatched.sum().float(),
             entropy_sum.float(),
             aux.float(),
             z.float(),
             router_probs.new_tensor(1.0),
+            dispatched.any(dim=-1).sum().float(),
         ]
     )
     return torch.cat([sums, counts])
 
 
-def summarize_sums(sums: torch.Tensor) -> dict[str, Any]:
+def summarize_sums(sums: torch.Tensor, num_groups: int = 1) -> dict[str, Any]:
     """Turn a layer's accumulated sums into its statistics (definitions in the module docstring).
 
     Args:
-        sums (`torch.Tensor` of shape `(7 + num_experts,)`): as accumulated by `RoutingAccumulator`.
+        sums (`torch.Tensor` of shape `(8 + num_experts,)`): as accumulated by `RoutingAccumulator`.
+        num_groups (`int`, defaults to 1): expert groups of a hierarchical router; above 1, `group_load` is added.
 
     Returns:
-        `dict` with `load` (`list[float]`, one share per expert), the `LAYER_STAT_KEYS` floats and `tokens` (`int`).
+        `dict` with `load` (`list[float]`, one share per expert), the `LAYER_STAT_KEYS` floats and `tokens` (`int`);
+        with groups also `group_load` (`list[float]`, one share per group).
     """
     sums = sums.double().cpu()
     counts = sums[_NUM_SUMS:]
@@ -156,7 +169,7 @@ def summarize_sums(sums: torch.Tensor) -> dict[str, Any]:
     tokens = sums[_TOKENS].item()
     forwards = sums[_FORWARDS].item()
     load = counts / assignments if assignments > 0 else torch.zeros_like(counts)
-    return {
+    stats = {
         "load": load.tolist(),
         "load_std": load.std(unbiased=False).item() if load.numel() > 1 else 0.0,
         "load_max": load.max().item(),
@@ -164,10 +177,18 @@ def summarize_sums(sums: torch.Tensor) -> dict[str, Any]:
         "load_entropy": (-torch.special.xlogy(load, load).sum()).item(),
         "drop_rate": 1.0 - sums[_DISPATCHED].item() / assignments if assignments > 0 else 0.0,
         "experts_per_token": sums[_DISPATCHED].item() / tokens if tokens > 0 else 0.0,
+        "unrouted_rate": 1.0 - sums[_ROUTED_TOKENS].item() / tokens if tokens > 0 else 0.0,
         "aux_loss": sums[_AUX_SUM].item() / forwards if forwards > 0 else 0.0,
         "z_loss": sums[_Z_SUM].item() / forwards if forwards > 0 else 0.0,
         "tokens": int(round(tokens)),
     }
+    if num_groups > 1:  # groups are consecutive experts
+        stats["group_load"] = load.view(num_groups, -1).sum(dim=-1).tolist()
+    return stats
+
+
+def _num_groups(block: SparseMoeBlock) -> int:
+    return getattr(getattr(block, "router", None), "num_groups", 1)
 
 
 class RoutingAccumulator:
@@ -223,7 +244,10 @@ class RoutingAccumulator:
 
     def summary(self) -> dict[str, dict[str, Any]]:
         """`summarize_sums` of every layer, in model order."""
-        return {name: summarize_sums(sums) for name, sums in self.vectors().items()}
+        return {
+            name: summarize_sums(sums, _num_groups(self.blocks[name]))
+            for name, sums in self.vectors().items()
+        }
 
 
 def _all_reduce_vectors(vectors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -245,6 +269,22 @@ def _all_reduce_vectors(vectors: dict[str, torch.Tensor], device: torch.device) 
     return dict(zip(names, flat.cpu().double().split(sizes), strict=True))
 
 
+def batch_replicas(model: nn.Module) -> int:
+    """How many ranks process the same batch: the tensor-parallel size of a model sharded by transformers'
+    `from_pretrained(..., distributed_config=DistributedConfig(tp_size=…))` (1 otherwise, FSDP and DDP included).
+
+    Summing routing counts over all ranks counts each batch this many times.
+
+    Args:
+        model (`nn.Module`): a ptmoe model, possibly wrapped.
+    """
+    for module in model.modules():
+        tp_size = getattr(module, "_tp_size", None)
+        if isinstance(tp_size, int) and tp_size > 1:
+            return tp_size
+    return 1
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The Trainer callback
 # --------------------------------------------------------------------------------------------------------------
@@ -255,7 +295,8 @@ class RouterTelemetryCallback(TrainerCallback):
     forwards of training-mode blocks are counted (evaluation does not mix in), and re-computed forwards of
     gradient checkpointing are not counted twice. At each training log event the statistics of the steps since
     the previous log are summed over data-parallel ranks and added to the `logs` dict as
-    ``router/<layer>/<stat>`` (`LAYER_STAT_KEYS`) and ``router/<layer>/expert_<e>_load``; they are also added to
+    ``router/<layer>/<stat>`` (`LAYER_STAT_KEYS`), ``router/<layer>/expert_<e>_load`` (and
+    ``router/<layer>/group_<g>_load`` for hierarchical routers); they are also added to
     `state.log_history` (so `trainer_state.json` keeps them).
 
     Callbacks see `logs` in the order they were added, and the Trainer puts its `report_to` integrations
@@ -293,7 +334,9 @@ class RouterTelemetryCallback(TrainerCallback):
         self.totals: dict[str, dict[str, Any]] = {}
         self._accumulator: RoutingAccumulator | None = None
         self._run_sums: dict[str, torch.Tensor] = {}
+        self._num_groups: dict[str, int] = {}
         self._placed_before_integrations = False
+        self._replicas = 1
 
     # -- events ------------------------------------------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
@@ -314,8 +357,10 @@ class RouterTelemetryCallback(TrainerCallback):
         self.history = []
         self.totals = {}
         self._run_sums = {}
+        self._num_groups = {name: _num_groups(block) for name, block in blocks.items()}
         self._accumulator = RoutingAccumulator(blocks, training_only=True)
         self._accumulator.install()
+        self._replicas = batch_replicas(model)
 
     def on_log(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs
@@ -329,7 +374,7 @@ class RouterTelemetryCallback(TrainerCallback):
             self.history.append({"step": state.global_step, "layers": stats})
         if "train_runtime" in logs:
             # The summary logged when training ends (also returned as `train()` metrics): whole-run statistics.
-            stats = {name: summarize_sums(sums) for name, sums in self._run_sums.items()}
+            stats = self._summarize(self._run_sums)
         if not any(layer["tokens"] for layer in stats.values()):
             return
         new_keys = self.flatten(stats)
@@ -345,7 +390,7 @@ class RouterTelemetryCallback(TrainerCallback):
         self._flush(args)
         self._accumulator.remove()
         self._accumulator = None
-        self.totals = {name: summarize_sums(sums) for name, sums in self._run_sums.items()}
+        self.totals = self._summarize(self._run_sums)
         if self.plot and state.is_world_process_zero and self.totals:
             output_dir = Path(args.output_dir)
             plot_expert_load(
@@ -358,10 +403,15 @@ class RouterTelemetryCallback(TrainerCallback):
     def _flush(self, args: TrainingArguments) -> dict[str, dict[str, Any]]:
         """Statistics since the previous flush, summed over ranks; adds them to the whole-run totals."""
         vectors = _all_reduce_vectors(self._accumulator.vectors(), args.device)
+        if self._replicas > 1:  # tensor-parallel ranks routed the same batch: count it once
+            vectors = {name: sums / self._replicas for name, sums in vectors.items()}
         self._accumulator.reset()
         for name, sums in vectors.items():
             self._run_sums[name] = self._run_sums[name] + sums if name in self._run_sums else sums
-        return {name: summarize_sums(sums) for name, sums in vectors.items()}
+        return self._summarize(vectors)
+
+    def _summarize(self, vectors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+        return {name: summarize_sums(sums, self._num_groups.get(name, 1)) for name, sums in vectors.items()}
 
     def flatten(self, stats: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
         """``{"router/<layer>/<stat>": value}`` for every layer of `stats` (the keys this callback logs)."""
@@ -372,6 +422,8 @@ class RouterTelemetryCallback(TrainerCallback):
             if self.log_expert_load:
                 for expert, share in enumerate(layer_stats["load"]):
                     flat[f"{self.prefix}/{layer}/expert_{expert}_load"] = float(share)
+                for group, share in enumerate(layer_stats.get("group_load", [])):
+                    flat[f"{self.prefix}/{layer}/group_{group}_load"] = float(share)
         return flat
 
 
@@ -428,7 +480,8 @@ def routing_statistics(
 
     Returns:
         `dict` layer name → `{"load": list[float], "load_std", "load_max", "router_entropy", "load_entropy",
-        "drop_rate", "aux_loss", "z_loss": float, "tokens": int}`.
+        "drop_rate", "experts_per_token", "unrouted_rate", "aux_loss", "z_loss": float, "tokens": int}`, plus
+        `"group_load": list[float]` for hierarchical routers.
     """
     blocks = find_moe_blocks(model)
     if not blocks:
@@ -503,7 +556,11 @@ def plot_expert_load(
             if not np.isnan(value):
                 color = "black" if value > 0.6 * vmax else "white"  # readable on viridis' light end
                 ax.text(col, row, f"{value:.2f}", ha="center", va="center", color=color, fontsize=7)
-    fig.colorbar(image, ax=ax, label="token share")
+    groups = {len(stats[layer].get("group_load", [])) for layer in layers}
+    if len(groups) == 1 and (num_groups := groups.pop()) > 1:  # hierarchical routers: mark the expert groups
+        for boundary in range(1, num_groups):
+            ax.axvline(boundary * num_experts / num_groups - 0.5, color="red", linewidth=1.5)
+        fig.colorbar(image, ax=ax, label="token share")
     ax.set_title(
         f"{title or 'Expert load per MoE layer'}\n(balanced = 1/{num_experts} = {1.0 / num_experts:.3f})"
     )

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .models.moe import check_local_checkpoint
 from .upcycling import UPCYCLING_METHODS
 
 logger = logging.getLogger(__name__)
@@ -98,8 +99,26 @@ class ModelArguments:
     router_telemetry: bool = field(
         default=True, metadata={"help": "Log router statistics per MoE layer and plot expert load."}
     )
+    expert_dropout: float | None = field(
+        default=None,
+        metadata={
+            "help": "Dropout inside the experts only (Switch Transformer fine-tuning uses 0.4 there, 0.1 elsewhere); "
+            "default: the checkpoint's `expert_dropout`."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train into a non-empty --output_dir, replacing the files the run writes (default: refuse it; "
+            "--resume_from_checkpoint also allows it)."
+        },
+    )
 
     def __post_init__(self):
+        # A missing local folder is named as such now, not as an invalid Hub id after the data was loaded.
+        check_local_checkpoint(self.model_name_or_path, "--model_name_or_path")
+        if self.tokenizer_name is not None:
+            check_local_checkpoint(self.tokenizer_name, "--tokenizer_name")
         if self.tuning not in TUNING_CHOICES:
             raise ValueError(f"--tuning must be one of {TUNING_CHOICES}, got {self.tuning!r}")
         parse_expert_list(self.lora_experts)  # fail at parse time, not after loading the model
@@ -107,6 +126,8 @@ class ModelArguments:
             raise ValueError(f"--upcycle_experts must be >= 2, got {self.upcycle_experts}")
         if self.lora_r < 1:
             raise ValueError(f"--lora_r must be >= 1, got {self.lora_r}")
+        if self.expert_dropout is not None and not 0 <= self.expert_dropout < 1:
+            raise ValueError(f"--expert_dropout must be in [0, 1), got {self.expert_dropout}")
 
 
 @dataclass
@@ -227,6 +248,7 @@ def load_raw_datasets(
     Raises:
         `ValueError`: no source or two sources given, a missing file or unsupported extension, no `train`
             split, or a Hub dataset that cannot be reached (e.g. offline and not cached).
+        `FileNotFoundError`: `dataset_name` is a local folder that does not exist.
     """
     import datasets
 
@@ -240,6 +262,10 @@ def load_raw_datasets(
             "--validation_file needs --train_file (with --dataset_name the splits come from the Hub)."
         )
 
+    if dataset_name is not None:
+        check_local_checkpoint(
+            dataset_name, "--dataset_name"
+        )  # a missing save_to_disk folder is not a Hub id
     if train_file is not None:
         builder = _data_builder(train_file, "--train_file")
         data_files = {"train": train_file}
@@ -313,6 +339,8 @@ def start_run(
     setup_logging(training_args)
     set_seed(training_args.seed)
     do_train, do_eval = resolve_do_train_eval(training_args)
+    if do_train:
+        check_training_output_dir(training_args, model_args.overwrite_output_dir)
     raw = load_raw_datasets(
         data_args.dataset_name,
         data_args.dataset_config_name,
@@ -324,6 +352,24 @@ def start_run(
     )
     raw = limit_samples(raw, data_args.max_train_samples, data_args.max_eval_samples)
     return model_args, data_args, training_args, raw, do_train, do_eval
+
+
+def check_training_output_dir(training_args, overwrite: bool = False) -> None:
+    """Refuse to train into a non-empty `--output_dir` (the model files there would be replaced) before any work.
+
+    Allowed with `overwrite` (`--overwrite_output_dir`) or `--resume_from_checkpoint` (which reads from it).
+
+    Raises:
+        `FileExistsError` naming the folder and the two ways out.
+    """
+    out = Path(training_args.output_dir)
+    if overwrite or training_args.resume_from_checkpoint:
+        return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(
+            f"--output_dir {str(out)!r} exists and is not empty: training would replace the files in it. Pass "
+            "another --output_dir, --overwrite_output_dir to replace them, or --resume_from_checkpoint to continue."
+        )
 
 
 def limit_samples(raw_datasets, max_train_samples: int | None = None, max_eval_samples: int | None = None):
@@ -1136,11 +1182,12 @@ def _scalars(results: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
-def classification_metrics(label_mapping: LabelMapping) -> Callable:
+def classification_metrics(label_mapping: LabelMapping, f1_average: str | None = None) -> Callable:
     """`compute_metrics` for sentence tasks, with the offline metric modules.
 
-    Classification: `accuracy` and `f1` (binary for two classes, macro average otherwise). Regression:
-    `pearson` and `spearman` (module `pearson_spearman`) and the mean squared error `mse`.
+    Classification: `accuracy` and `f1` (binary for two classes, macro average otherwise, or `f1_average` when
+    given, e.g. `"macro"` for ASSIN 2 RTE). Regression: `pearson` and `spearman` (module `pearson_spearman`) and
+    the mean squared error `mse`.
     """
     from .metrics import load_metric
 
@@ -1157,7 +1204,7 @@ def classification_metrics(label_mapping: LabelMapping) -> Callable:
         return compute
 
     accuracy, f1 = load_metric("accuracy"), load_metric("f1")
-    average = "binary" if label_mapping.num_labels == 2 else "macro"
+    average = f1_average or ("binary" if label_mapping.num_labels == 2 else "macro")
 
     def compute(eval_prediction) -> dict[str, float]:
         predictions = np.asarray(_first(eval_prediction.predictions)).reshape(-1)
@@ -1169,11 +1216,12 @@ def classification_metrics(label_mapping: LabelMapping) -> Callable:
     return compute
 
 
-def ner_metrics(label_mapping: LabelMapping) -> Callable:
+def ner_metrics(label_mapping: LabelMapping, **seqeval_kwargs: Any) -> Callable:
     """`compute_metrics` for BIO tagging: entity-level precision/recall/F1 (module `seqeval`) and token accuracy.
 
     Only positions with a label (first sub-word of each word) are scored; per-type F1 is reported as
-    ``<TYPE>_f1``.
+    ``<TYPE>_f1``. `seqeval_kwargs` go to the metric (e.g. `mode="strict", scheme="IOB2"`); by default
+    conlleval-style chunking with undefined scores set to 0.
     """
     from .metrics import load_metric
 
@@ -1190,7 +1238,9 @@ def ner_metrics(label_mapping: LabelMapping) -> Callable:
             keep = reference_row != -100
             predicted_tags.append([names[i] for i in prediction_row[keep]])
             reference_tags.append([names[i] for i in reference_row[keep]])
-        results = seqeval.compute(predictions=predicted_tags, references=reference_tags)
+        results = seqeval.compute(
+            predictions=predicted_tags, references=reference_tags, **{"zero_division": 0, **seqeval_kwargs}
+        )
         flat = {}
         for key, value in results.items():
             if isinstance(value, Mapping):
@@ -1326,6 +1376,8 @@ def load_model(model_args: ModelArguments, task: str, label_mapping: LabelMappin
         kwargs.update(label_mapping.model_kwargs())
     if model_args.ignore_mismatched_sizes:
         kwargs["ignore_mismatched_sizes"] = True
+    if model_args.expert_dropout is not None:  # a config override, for loading and for upcycling alike
+        kwargs["expert_dropout"] = model_args.expert_dropout
 
     if config.model_type not in _MOE_MODEL_TYPES:
         if model_args.upcycle_experts is None:
@@ -1338,6 +1390,7 @@ def load_model(model_args: ModelArguments, task: str, label_mapping: LabelMappin
                 "QLoRA loads the checkpoint in 4 bits and cannot upcycle on the fly: upcycle first (`ptmoe upcycle` "
                 "or `ptmoe.upcycle(...).save_pretrained(folder)`), then pass that folder with --tuning qlora."
             )
+        expert_dropout = kwargs.pop("expert_dropout", None)  # a MoE field: not for the dense config
         dense, loading_info = auto_class.from_pretrained(
             model_args.model_name_or_path, output_loading_info=True, **kwargs
         )
@@ -1345,6 +1398,8 @@ def load_model(model_args: ModelArguments, task: str, label_mapping: LabelMappin
             "num_experts": model_args.upcycle_experts,
             "num_experts_per_tok": model_args.upcycle_experts_per_tok,
         }
+        if expert_dropout is not None:
+            upcycle_kwargs["expert_dropout"] = expert_dropout
         if model_args.upcycle_method is not None:
             upcycle_kwargs["method"] = model_args.upcycle_method
         model = ptmoe.upcycle(dense, progress=False, **upcycle_kwargs)
@@ -1548,6 +1603,7 @@ __all__ = [
     "add_expert_lora",
     "build_label_mapping",
     "build_ner_label_mapping",
+    "check_training_output_dir",
     "check_columns",
     "classification_metrics",
     "limit_samples",

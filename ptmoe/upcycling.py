@@ -46,10 +46,6 @@ import hashlib
 import importlib
 import logging
 import os
-import shutil
-import sys
-import tempfile
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +55,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, PreTrainedModel
 
-from .models.moe import count_parameters
+from .models.moe import ROUTER_TYPES, check_local_checkpoint, count_parameters
+from .outputs import check_output_dir, staged_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -1083,12 +1080,13 @@ def _check_arguments(
 
 def _warn_if_not_exact(config, method: str) -> None:
     if method == "copy" and (
-        config.router_type == "switch" or (config.router_type == "topk" and not config.norm_topk_prob)
+        config.router_type in ("switch", "expert_choice")
+        or (config.router_type in ("topk", "hierarchical") and not config.norm_topk_prob)
     ):
         logger.warning(
             "method='copy' reproduces the dense model only when each token's combine weights sum to 1 "
-            "(router_type 'topk' with norm_topk_prob=True, 'noisy_topk', 'hash'); with router_type=%r and "
-            "norm_topk_prob=%s the upcycled FFN outputs are scaled by the router probabilities.",
+            "(router_type 'topk' or 'hierarchical' with norm_topk_prob=True, 'noisy_topk', 'hash'); with "
+            "router_type=%r and norm_topk_prob=%s the upcycled FFN outputs are scaled by the router probabilities.",
             config.router_type,
             config.norm_topk_prob,
         )
@@ -1147,7 +1145,9 @@ def upcycle(
             indices). For T5 it is the default of both `encoder_moe_layers` and `decoder_moe_layers`.
         encoder_moe_layers / decoder_moe_layers (`int` or `list[int]`, *optional*): T5 only; `[]` for none.
         method (`str`, defaults to `"copy"`): "copy", "noise", "drop" or "partition".
-        router_type (`str`, defaults to `"topk"`): "topk", "switch", "noisy_topk" or "hash".
+        router_type (`str`, defaults to `"topk"`): one of `ptmoe.ROUTER_TYPES` ("topk", "switch", "noisy_topk",
+            "hash", "expert_choice", "hierarchical"); their fields (`router_groups`, `expert_capacity_factor`,
+            `decoder_router_type`, …) go in `moe_config_overrides`.
         seed (`int`, defaults to 0): seeds every random choice (noise, dropped neurons, partition, routers).
         router_init (`str`, *optional*): "normal" (N(0, initializer_range), lets the router pick different
             experts from the start) or "zeros" (uniform routing). Defaults to "zeros" for "partition" (needed for
@@ -1216,6 +1216,7 @@ def upcycle(
 
     if isinstance(dense, (str, os.PathLike)):
         source = os.fspath(dense)
+        check_local_checkpoint(source, "dense")
         config_kwargs = {k: v for k, v in load_kwargs.items() if k in _CONFIG_LOAD_KWARGS}
         dense_config = AutoConfig.from_pretrained(source, **config_kwargs)
         arch = architecture_for_checkpoint(dense_config, task)
@@ -1301,23 +1302,6 @@ def upcycle(
 # --------------------------------------------------------------------------------------------------------------
 # Saving: all or nothing
 # --------------------------------------------------------------------------------------------------------------
-def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse an output path that is a file, or a non-empty directory unless `overwrite`.
-
-    Raises:
-        `FileExistsError` with what to do instead.
-    """
-    out = Path(os.path.abspath(out_dir))  # "." or "out/" need a real name and parent for the staging folder
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output path {str(out)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"output directory {str(out)!r} exists and is not empty; choose another directory or pass "
-            "overwrite=True (`--overwrite` on the command line) to replace it"
-        )
-    return out
-
-
 _TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -1381,26 +1365,10 @@ def save_upcycled(
     out = check_output_dir(out_dir, overwrite)
     if tokenizer is None:
         tokenizer = _source_tokenizer(getattr(model.config, "upcycled_from", None))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    backup = out.parent / f".{out.name}.old-{uuid.uuid4().hex}"
-    try:
+    with staged_output_dir(out, overwrite) as staging:
         model.save_pretrained(staging)
         if tokenizer:
             tokenizer.save_pretrained(staging)
-        if out.exists():
-            os.rename(out, backup)
-            try:
-                os.rename(staging, out)
-            except BaseException:
-                os.rename(backup, out)
-                raise
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.rename(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
@@ -1434,7 +1402,26 @@ def add_upcycle_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--encoder-moe-layers", type=_layers_argument, default=None, help="T5 only")
     parser.add_argument("--decoder-moe-layers", type=_layers_argument, default=None, help="T5 only")
-    parser.add_argument("--router", choices=("topk", "switch", "noisy_topk", "hash"), default="topk")
+    parser.add_argument("--router", choices=ROUTER_TYPES, default="topk")
+    parser.add_argument(
+        "--router-groups",
+        type=int,
+        default=None,
+        help="hierarchical router: expert groups (must divide --experts)",
+    )
+    parser.add_argument(
+        "--groups-per-token", type=int, default=None, help="hierarchical router: groups per token"
+    )
+    parser.add_argument(
+        "--expert-capacity-factor",
+        type=float,
+        default=None,
+        help="expert-choice router: mean experts per token",
+    )
+    parser.add_argument(
+        "--decoder-router", choices=ROUTER_TYPES, default=None, help="T5: the decoder's router (e.g. topk)"
+    )
+    parser.add_argument("--expert-dropout", type=float, default=None, help="dropout inside the experts only")
     parser.add_argument("--router-init", choices=("normal", "zeros"), default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--noise-std", type=float, default=0.01, help="method noise: relative noise std")
@@ -1451,35 +1438,51 @@ def add_upcycle_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+_ROUTING_OPTIONS = {
+    "router_groups": "router_groups",
+    "groups_per_token": "num_groups_per_tok",
+    "expert_capacity_factor": "expert_capacity_factor",
+    "decoder_router": "decoder_router_type",
+    "expert_dropout": "expert_dropout",
+}
+
+
+def _routing_overrides(args: argparse.Namespace) -> dict:
+    """The MoE config fields given on the command line (unset options keep the config defaults)."""
+    return {
+        field: getattr(args, option)
+        for option, field in _ROUTING_OPTIONS.items()
+        if getattr(args, option) is not None
+    }
+
+
 def run_upcycle_command(args: argparse.Namespace) -> int:
     """`ptmoe upcycle`: upcycle `--base`, save to `--out`, print total vs active parameter counts.
 
-    Bad input (an existing `--out`, an unsupported architecture, invalid MoE values) prints one error line and
-    returns exit code 2, as argparse does for bad arguments.
+    Bad input (an existing `--out`, a missing `--base` folder, an unsupported architecture, invalid MoE values)
+    raises; `ptmoe.cli.main` prints it as one error line with exit code 2 (see `ptmoe.errors`).
     """
-    try:
-        check_output_dir(args.out, args.overwrite)  # fail before the (long) upcycling, not after
-        model = upcycle(
-            args.base,
-            num_experts=args.experts,
-            num_experts_per_tok=args.top_k,
-            moe_layers=args.moe_layers,
-            encoder_moe_layers=args.encoder_moe_layers,
-            decoder_moe_layers=args.decoder_moe_layers,
-            method=args.method,
-            router_type=args.router,
-            seed=args.seed,
-            router_init=args.router_init,
-            noise_std=args.noise_std,
-            drop_ratio=args.drop_ratio,
-            partition=args.partition,
-            task=args.task,
-            progress=not args.no_progress,
-        )
-        out = save_upcycled(model, args.out, overwrite=args.overwrite)
-    except (FileExistsError, ValueError) as error:
-        print(f"ptmoe upcycle: error: {error}", file=sys.stderr)
-        return 2
+    check_output_dir(args.out, args.overwrite)  # fail before the (long) upcycling, not after
+    check_local_checkpoint(args.base, "--base")
+    model = upcycle(
+        args.base,
+        num_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        moe_layers=args.moe_layers,
+        encoder_moe_layers=args.encoder_moe_layers,
+        decoder_moe_layers=args.decoder_moe_layers,
+        method=args.method,
+        router_type=args.router,
+        seed=args.seed,
+        router_init=args.router_init,
+        noise_std=args.noise_std,
+        drop_ratio=args.drop_ratio,
+        partition=args.partition,
+        task=args.task,
+        progress=not args.no_progress,
+        **_routing_overrides(args),
+    )
+    out = save_upcycled(model, args.out, overwrite=args.overwrite)
     counts = count_parameters(model)
     config = model.config
     print(

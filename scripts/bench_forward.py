@@ -3,6 +3,8 @@
     python scripts/bench_forward.py                 # BERT-base and T5-base shapes, 16 x 128 tokens, fp32 + bf16
                                                     # (+ greedy generate: 32 new tokens at batch 8 for T5)
     python scripts/bench_forward.py --quick         # tiny shapes, to check the script works
+    python scripts/bench_forward.py --families bert # BERT-base shapes only (includes expert choice and
+                                                    # hierarchical routing next to top-2, at equal active compute)
 
 Every model is built from a config with random weights (nothing is downloaded). Each speed is the median of
 `--runs` timed calls after `--warmup` untimed ones, with `torch.set_num_threads(--threads)`; ratios are
@@ -80,6 +82,24 @@ def bert_cases(shape: dict) -> list[Case]:
         Case(
             "transformers Switch encoder",
             lambda: SwitchTransformersEncoderModel(switch_config),
+            _encoder_forward,
+        ),
+        # The same active compute as top-2: expert choice with capacity factor 2 (2 experts per token on average),
+        # and hierarchical routing picking 2 experts inside the best of 4 groups of 2.
+        Case(
+            "MoE-BERT expert choice (c=2)",
+            lambda: ptmoe.MoeBertModel(
+                ptmoe.MoeBertConfig(**shape, **moe, router_type="expert_choice", expert_capacity_factor=2.0)
+            ),
+            _encoder_forward,
+        ),
+        Case(
+            "MoE-BERT hierarchical (4x2, top-2)",
+            lambda: ptmoe.MoeBertModel(
+                ptmoe.MoeBertConfig(
+                    **shape, **moe, num_experts_per_tok=2, router_type="hierarchical", router_groups=4
+                )
+            ),
             _encoder_forward,
         ),
     ]
@@ -277,6 +297,10 @@ def main(argv: list[str] | None = None) -> None:
             ("MoE-BERT top-1 (switch)", "dense BERT", 0.97),
             ("MoE-BERT top-1 (switch)", "transformers Switch encoder", 1.0),
             ("MoE-BERT top-2", "dense BERT", 0.55),
+            # Routing cost at equal active compute: diagnostics, not goals (expert choice sorts each expert's
+            # scores over the sequence; hierarchical adds a group gate).
+            ("MoE-BERT expert choice (c=2)", "MoE-BERT top-2", None),
+            ("MoE-BERT hierarchical (4x2, top-2)", "MoE-BERT top-2", None),
         ]
     if "t5" in args.families:
         families.append(t5_cases(T5_TINY if args.quick else T5_BASE))
@@ -324,4 +348,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from ptmoe.errors import run_script  # here: after the environment set-up above
+
+    run_script(main)

@@ -306,4 +306,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from ptmoe.errors import run_script  # here: after the environment set-up above
+
+    run_script(main)

@@ -220,4 +220,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ptmoe.errors import run_script  # here: after the environment set-up above
+
+    run_script(main)

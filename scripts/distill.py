@@ -11,7 +11,6 @@ Loss: layer-wise hidden-state MSE + output KL (or last-hidden MSE); see `ptmoe.c
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 from transformers import (
@@ -25,6 +24,7 @@ from transformers import (
 import ptmoe
 from ptmoe import training
 from ptmoe.compress.distillation import _TextDataset, check_teacher, distillation_trainer
+from ptmoe.errors import run_script
 from ptmoe.sparsify.data import load_texts
 
 
@@ -86,8 +86,4 @@ def main(args: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as error:
-        print(f"distill.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

@@ -21,12 +21,12 @@ Examples (run under `accelerate launch` unchanged for several processes):
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
 from ptmoe import training
+from ptmoe.errors import run_script
 
 
 @dataclass
@@ -94,4 +94,4 @@ def main(args: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(main)

@@ -16,12 +16,12 @@ loss and the metric. Examples:
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 from transformers import DataCollatorForTokenClassification, Trainer, TrainingArguments
 
 from ptmoe import training
+from ptmoe.errors import run_script
 
 
 @dataclass
@@ -88,4 +88,4 @@ def main(args: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(main)

@@ -18,12 +18,12 @@ defaults to `--max_target_length`. Examples:
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
 
 from ptmoe import training
+from ptmoe.errors import run_script
 
 
 @dataclass
@@ -88,4 +88,4 @@ def main(args: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(main)

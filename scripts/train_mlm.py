@@ -17,12 +17,12 @@ The objective follows the checkpoint's architecture. Examples:
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
 from ptmoe import training
+from ptmoe.errors import run_script
 
 
 @dataclass
@@ -93,4 +93,4 @@ def main(args: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(main)

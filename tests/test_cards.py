@@ -82,7 +82,7 @@ def test_eval_results_add_a_parseable_model_index(tmp_path):
     model_name, results = model_index_to_eval_results(metadata["model-index"])
     assert model_name == name
     assert results == [EvalResult(**RESULT)]
-    assert "| text-classification | ASSIN 2 | test | f1 | 0.875 |" in text
+    assert "| text-classification | ASSIN 2 | test | f1 | 0.875 | – |" in text
 
 
 def test_bad_eval_result_fields_are_named():

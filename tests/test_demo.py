@@ -20,3 +20,12 @@ def test_quick_demo_runs_every_stage_offline(tmp_path):
     assert (out / "hub-folder" / ".ptmoe_verified.json").exists()
     assert (out / "expert_load.png").stat().st_size > 0
     assert not list(out.rglob("*.bin"))
+    # Written beside the target and moved into place: no staging folder left, no staging path recorded.
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]
+    assert json.loads((out / "moe-sentiment" / "config.json").read_text())["upcycled_from"] == str(
+        out / "dense-mlm"
+    )
+    # A second run never replaces the first one's results without --overwrite (and fails before any work).
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    assert main(["demo", "--quick", "--output-dir", str(out)]) == 2
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before

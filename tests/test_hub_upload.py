@@ -232,7 +232,7 @@ def test_prepare_uses_a_given_card(model_dir, tmp_path):
 
 
 def test_cli_prepare_reports_errors(model_dir, tmp_path, capsys):
-    assert hub_upload_main(["prepare", str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
+    assert hub_upload_main(["prepare", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
     assert "has no config.json" in capsys.readouterr().err
 
 
@@ -370,5 +370,5 @@ def test_cli_push_defaults_to_a_dry_run(verified_copy, monkeypatch, capsys):
 
 def test_cli_push_refuses_unverified_folder(model_dir, tmp_path, capsys):
     out, _ = build_folder(model_dir, tmp_path / "out")
-    assert hub_upload_main(["push", str(out), "--repo-id", "ptmoe-test/tiny", "--no-dry-run"]) == 1
+    assert hub_upload_main(["push", str(out), "--repo-id", "ptmoe-test/tiny", "--no-dry-run"]) == 2
     assert "is not verified" in capsys.readouterr().err

@@ -338,7 +338,7 @@ def test_saved_folder_is_self_contained(tiny_bert_config, tmp_path):
         ({"eval_capacity_factor": -1.0}, "eval_capacity_factor"),
         ({"moe_layers": [2]}, "moe_layers"),
         ({"moe_layers": 0}, "moe_layers"),
-        ({"router_type": "expert_choice"}, "router_type"),
+        ({"router_type": "sinkhorn"}, "router_type"),
         ({"router_type": "switch", "num_experts_per_tok": 2}, "router_type"),
         ({"router_jitter_noise": -0.1}, "router_jitter_noise"),
         ({"num_shared_experts": -1}, "num_shared_experts"),

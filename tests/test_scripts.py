@@ -335,11 +335,11 @@ def test_accelerate_ddp(checkpoints, tmp_path):
         "TOKENIZERS_PARALLELISM": "false",
     }
     # `--cpu` selects accelerate's single-process launcher (several CPU processes need MPI there); the
-    # multi-process launcher (torch.distributed.run) with ACCELERATE_USE_CPU=1 gives CPU DDP over gloo.
+    # multi-process launcher (torch.distributed.run) with ACCELERATE_USE_CPU=1 gives CPU DDP over gloo. The
+    # shipped recipe examples/accelerate/ddp.yaml is what runs.
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "--main_process_port", str(port),
+        "--config_file", str(REPO / "examples" / "accelerate" / "ddp.yaml"), "--main_process_port", str(port),
         str(SCRIPTS / "finetune_classification.py"),
         "--model_name_or_path", checkpoints["moe_bert"],
         "--train_file", str(DATA / "sentiment_train.jsonl"),
@@ -381,3 +381,5 @@ def test_bench_forward_quick(capsys):
     printed = capsys.readouterr().out
     assert "MoE-T5 top-1 generate / dense T5 generate" in printed
     assert "distinct experts per MoE layer and step" in printed
+    assert "MoE-BERT expert choice (c=2) / MoE-BERT top-2" in printed
+    assert "MoE-BERT hierarchical (4x2, top-2) / MoE-BERT top-2" in printed

@@ -90,6 +90,8 @@ def test_statistics_on_a_hand_computed_batch():
     token_entropies = [math.log(2), 0.0, -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]
     assert stats["router_entropy"] == pytest.approx(sum(token_entropies) / 3)
     assert stats["drop_rate"] == pytest.approx(1 / 3)
+    assert stats["experts_per_token"] == pytest.approx(2 / 3)  # 2 dispatched assignments over 3 real tokens
+    assert stats["unrouted_rate"] == pytest.approx(1 / 3)  # the dropped token reached no expert
     mask = routing.token_mask
     expected_aux = load_balancing_loss(routing.router_probs, routing.topk_index, mask).item()
     assert stats["aux_loss"] == pytest.approx(expected_aux)
@@ -233,6 +235,28 @@ def test_callback_logs_every_key_for_every_layer_and_writes_png(tmp_path, tiny_b
     assert (tmp_path / "expert_load_std.png").read_bytes()[:8] == PNG_MAGIC
     assert callback.totals["layer_0"]["tokens"] == 4 * 4 * 8  # 4 steps × 4 rows × 8 real tokens
     assert all(not block._forward_hooks for block in find_moe_blocks(model).values()), "hooks removed"
+
+
+def test_tensor_parallel_ranks_count_their_shared_batch_once(tmp_path, tiny_bert_config, monkeypatch):
+    """Under tp_size=2 both ranks route the same batch; the sum over ranks must not double the token counts."""
+    import ptmoe.telemetry as telemetry
+
+    sharded_like = nn.Sequential(nn.Linear(2, 2))
+    sharded_like[
+        0
+    ]._tp_size = 2  # what `from_pretrained(distributed_config=DistributedConfig(tp_size=2))` records
+    assert telemetry.batch_replicas(sharded_like) == 2 and telemetry.batch_replicas(nn.Linear(2, 2)) == 1
+    model = _classifier(tiny_bert_config)
+    monkeypatch.setattr(telemetry, "batch_replicas", lambda model: 2)
+    # The all-reduce over the two tensor-parallel ranks: both hold the same sums.
+    monkeypatch.setattr(
+        telemetry, "_all_reduce_vectors", lambda vectors, device: {k: 2 * v for k, v in vectors.items()}
+    )
+    trainer = _trainer(model, tmp_path)
+    callback = add_router_telemetry(trainer)
+    trainer.train()
+    assert callback.totals["layer_0"]["tokens"] == 4 * 4 * 8  # as on one process
+    assert sum(callback.totals["layer_0"]["load"]) == pytest.approx(1.0)
 
 
 def test_report_to_integrations_receive_router_keys(tmp_path, tiny_bert_config):

@@ -575,7 +575,7 @@ def test_task_must_fit_the_architecture(tmp_path, bert_tokenizer, tiny_bert_conf
 
 
 def test_unloadable_checkpoint_is_reported():
-    with pytest.raises(ValueError, match="Could not load --model_name_or_path '/nonexistent/model'"):
+    with pytest.raises(FileNotFoundError, match="--model_name_or_path '/nonexistent/model': no such folder"):
         training.load_model(training.ModelArguments(model_name_or_path="/nonexistent/model"), "masked-lm")
 
 

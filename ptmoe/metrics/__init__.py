@@ -1,10 +1,12 @@
 """Offline `evaluate` metric modules shipped with ptmoe.
 
 `evaluate.load("accuracy")` fetches the metric script from the Hugging Face Hub, which fails
-offline. ptmoe ships its own implementations as local `evaluate` modules: one folder per metric,
-holding `<name>.py` with an `evaluate.Metric` subclass. They load from the local path, never touch
-the Hub and need only `evaluate`, `datasets` and `numpy` (plus scipy for correlation p-values and
-nltk for ROUGE stemming, both optional).
+offline. ptmoe ships local `evaluate` modules instead: one folder per metric, holding `<name>.py`
+with an `evaluate.Metric` subclass. They load from the local path and never touch the Hub. The
+numbers come from the libraries the field uses (runtime dependencies of ptmoe): scikit-learn
+(accuracy, f1), scipy (pearson_spearman), seqeval, rouge-score and sacrebleu (bleu). What is ptmoe's
+own is only the adapter to `evaluate` and, for ROUGE, a tokeniser that keeps Portuguese accents
+(passed through rouge-score's tokenizer hook; nltk's Portuguese stemmer for `use_stemmer`).
 
     >>> from ptmoe.metrics import load_metric
     >>> load_metric("accuracy").compute(predictions=[1, 0], references=[1, 1])

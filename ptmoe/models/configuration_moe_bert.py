@@ -33,11 +33,22 @@ class MoeBertConfig(MoeConfigMixin, BertConfig):
         moe_layers (`list[int]` or `int`, defaults to 2): 0-based indices of the MoE layers, or a step n
             meaning every n-th layer (layers n-1, 2n-1, …). `None`/`[]`: a dense BERT.
         router_type (`str`, defaults to `"topk"`): `"topk"`, `"switch"` (top-1 with capacity), `"noisy_topk"`
-            (Shazeer et al. 2017) or `"hash"` (fixed routing by token id, Roller et al. 2021).
+            (Shazeer et al. 2017), `"hash"` (fixed routing by token id, Roller et al. 2021), `"expert_choice"`
+            (experts pick tokens, Zhou et al. 2022; encoders only) or `"hierarchical"` (a group gate, then an expert
+            gate within the chosen groups; Jordan & Jacobs 1994).
         capacity_factor (`float`, defaults to 1.25) / eval_capacity_factor (`float`, defaults to 2.0): Switch
             expert capacity in training / eval, as a multiple of the even share of the tokens of a sequence.
         expert_capacity (`int`, *optional*): absolute per-sequence capacity overriding the factors (the format of
             transformers' Switch Transformers checkpoints).
+        expert_capacity_factor (`float`, *optional*): `"expert_choice"`: each expert takes
+            ceil(expert_capacity_factor · real tokens / num_experts) tokens of a sequence, so a token uses
+            expert_capacity_factor experts on average; defaults to `num_experts_per_tok` (the compute of top-k).
+        router_groups (`int`, defaults to 1) / num_groups_per_tok (`int`, defaults to 1): `"hierarchical"`: the
+            experts form `router_groups` groups of num_experts / router_groups consecutive experts; each token picks
+            `num_groups_per_tok` groups, then num_experts_per_tok / num_groups_per_tok experts inside each.
+        expert_dropout (`float`, *optional*): dropout inside every expert, between its projections (Switch
+            Transformer fine-tuning: 0.4 in experts, 0.1 elsewhere). Defaults to 0.0, as BERT's FFN has no dropout
+            between its projections (`hidden_dropout_prob` still acts on the MoE output, outside the experts).
         router_jitter_noise (`float`, defaults to 0.0): multiplicative router input noise in training.
         router_aux_loss_coef (`float`, defaults to 0.01): load-balancing loss coefficient.
         router_z_loss_coef (`float`, defaults to 0.001): router z-loss coefficient.
@@ -68,6 +79,31 @@ class MoeBertConfig(MoeConfigMixin, BertConfig):
     """
 
     model_type = "moe_bert"
+    # transformers' distributed engine (`from_pretrained(..., distributed_config=DistributedConfig(tp_size=…,
+    # fsdp_size=…))`) reads these plans; names are relative to `MoeBertModel`. Attention and every FFN (dense, each
+    # routed and shared expert) are split Megatron-style: the first projection by output columns, the second by
+    # input rows, so each layer costs one all-reduce per projection pair. Routers, LayerNorms, the pooler and the
+    # classification heads stay replicated: routers must see every hidden feature and decide the same on every rank.
+    # The word embeddings (and the MLM decoder tied to them, `MoeBertForMaskedLM._tp_plan`) are split by vocabulary.
+    # Rules naming modules a model does not have (dense layers of an all-MoE model, shared experts) are dropped when
+    # the model is built. Expert parallelism (`ep_size`) is not declared: see README "Beyond one machine".
+    base_model_tp_plan = {
+        "embeddings.word_embeddings": "embedding_rowwise",
+        "encoder.layer.*.attention.self.query": "colwise",
+        "encoder.layer.*.attention.self.key": "colwise",
+        "encoder.layer.*.attention.self.value": "colwise",
+        "encoder.layer.*.attention.output.dense": "rowwise",
+        "encoder.layer.*.intermediate.dense": "colwise",
+        "encoder.layer.*.output.dense": "rowwise",
+        "encoder.layer.*.moe.experts.*.wi": "colwise",
+        "encoder.layer.*.moe.experts.*.wo": "rowwise",
+        "encoder.layer.*.moe.shared_experts.*.wi": "colwise",
+        "encoder.layer.*.moe.shared_experts.*.wo": "rowwise",
+    }
+    # FSDP2: one unit per layer (router and all its experts together), never one per expert: a rank whose tokens
+    # skip an expert would skip that unit's all-gather and hang the others (pytorch#126616). Embeddings, pooler and
+    # heads stay in the root unit, so the MLM decoder tied to the word embeddings is sharded once.
+    base_model_fsdp_plan = {"encoder.layer.*": "free_full_weight"}
 
     num_experts: int = 8
     num_experts_per_tok: int = 2
@@ -88,6 +124,10 @@ class MoeBertConfig(MoeConfigMixin, BertConfig):
     router_top_p: float | None = None
     router_init: str = "normal"
     output_router_logits: bool = False
+    expert_capacity_factor: float | int | None = None
+    router_groups: int = 1
+    num_groups_per_tok: int = 1
+    expert_dropout: float | int | None = None
     upcycled_from: str | None = None
     upcycling_method: str | None = None
     upcycling_seed: int | None = None

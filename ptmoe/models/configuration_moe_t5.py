@@ -6,7 +6,7 @@ from huggingface_hub.dataclasses import strict
 from transformers.activations import ACT2FN
 from transformers.models.t5.configuration_t5 import T5Config
 
-from .moe import MoeConfigMixin, resolve_moe_layers, validate_moe_fields
+from .moe import MoeConfigMixin, resolve_moe_layers, validate_decoder_router, validate_moe_fields
 
 # Written into every saved config.json, so a Hub folder loads every class with `trust_remote_code=True` on a
 # machine without ptmoe (transformers would otherwise record only the class that was saved).
@@ -39,6 +39,31 @@ def _check_feed_forward_proj(feed_forward_proj: str) -> None:
         )
 
 
+def _t5_tensor_parallel_plan() -> dict[str, str]:
+    """The tensor-parallel plan of MoE-T5, named from the encoder-decoder (`encoder.block.*…`, `decoder.block.*…`).
+
+    Every attention is split by heads (q/k/v by output columns, o by input rows); the relative position bias table
+    is split by heads too and looked up locally, so each rank adds the bias of its own heads. Every FFN (dense
+    `DenseReluDense`, each routed and shared expert; `wi` or gated `wi_0`/`wi_1`) is split by its hidden units.
+    Routers and layer norms stay replicated. (transformers matches every list index as `*`, so the sub-layers
+    `layer.0/1/2` of a block are told apart by their module names.)
+    """
+    plan = {"shared": "embedding_rowwise"}
+    for stack in ("encoder", "decoder"):
+        plan[f"{stack}.embed_tokens"] = "embedding_rowwise"
+        for attention in ("SelfAttention", "EncDecAttention") if stack == "decoder" else ("SelfAttention",):
+            prefix = f"{stack}.block.*.layer.*.{attention}"
+            plan.update({f"{prefix}.q": "colwise", f"{prefix}.k": "colwise", f"{prefix}.v": "colwise"})
+            plan[f"{prefix}.o"] = "rowwise"
+        bias = f"{stack}.block.*.layer.*.SelfAttention.relative_attention_bias"
+        plan.update({f"{bias}.weight": "embedding_colwise", bias: "local_params"})
+        for ffn in ("DenseReluDense", "moe.experts.*", "moe.shared_experts.*"):
+            prefix = f"{stack}.block.*.layer.*.{ffn}"
+            plan.update({f"{prefix}.{name}": "colwise" for name in ("wi", "wi_0", "wi_1")})
+            plan[f"{prefix}.wo"] = "rowwise"
+    return plan
+
+
 @strict
 class MoeT5Config(MoeConfigMixin, T5Config):
     r"""
@@ -58,11 +83,24 @@ class MoeT5Config(MoeConfigMixin, T5Config):
         decoder_moe_layers (`list[int]` or `int`, defaults to 2): the same for the `num_decoder_layers` decoder
             layers.
         router_type (`str`, defaults to `"topk"`): `"topk"`, `"switch"` (top-1 with capacity), `"noisy_topk"`
-            (Shazeer et al. 2017) or `"hash"` (fixed routing by token id, Roller et al. 2021).
+            (Shazeer et al. 2017), `"hash"` (fixed routing by token id, Roller et al. 2021), `"expert_choice"`
+            (experts pick tokens, Zhou et al. 2022; encoders only) or `"hierarchical"` (a group gate, then an expert
+            gate within the chosen groups; Jordan & Jacobs 1994).
+        decoder_router_type (`str`, *optional*): the decoder's router when it differs from `router_type`; needed
+            with `router_type="expert_choice"` when the decoder has MoE layers (Sparse Upcycling pairs an
+            expert-choice encoder with a top-k decoder).
         capacity_factor (`float`, defaults to 1.25) / eval_capacity_factor (`float`, defaults to 2.0): Switch
             expert capacity in training / eval, as a multiple of the even share of the tokens of a sequence.
         expert_capacity (`int`, *optional*): absolute per-sequence capacity overriding the factors (the format of
             transformers' Switch Transformers checkpoints).
+        expert_capacity_factor (`float`, *optional*): `"expert_choice"`: each expert takes
+            ceil(expert_capacity_factor · real tokens / num_experts) tokens of a sequence, so a token uses
+            expert_capacity_factor experts on average; defaults to `num_experts_per_tok` (the compute of top-k).
+        router_groups (`int`, defaults to 1) / num_groups_per_tok (`int`, defaults to 1): `"hierarchical"`: the
+            experts form `router_groups` groups of num_experts / router_groups consecutive experts; each token picks
+            `num_groups_per_tok` groups, then num_experts_per_tok / num_groups_per_tok experts inside each.
+        expert_dropout (`float`, *optional*): dropout inside every expert, between its projections (Switch
+            Transformer fine-tuning: 0.4 in experts, 0.1 elsewhere). Defaults to `dropout_rate`, as T5's dense FFN.
         router_jitter_noise (`float`, defaults to 0.0): multiplicative router input noise in training.
         router_aux_loss_coef (`float`, defaults to 0.01): load-balancing loss coefficient.
         router_z_loss_coef (`float`, defaults to 0.001): router z-loss coefficient.
@@ -92,6 +130,14 @@ class MoeT5Config(MoeConfigMixin, T5Config):
     """
 
     model_type = "moe_t5"
+    # transformers' distributed engine (`from_pretrained(..., distributed_config=DistributedConfig(tp_size=…,
+    # fsdp_size=…))`) reads these plans. Rules naming modules a model does not have (the decoder of
+    # `MoeT5EncoderModel`, dense FFNs of an all-MoE stack, gated or plain projections) are dropped when the model is
+    # built. Expert parallelism (`ep_size`) is not declared: see README "Beyond one machine".
+    base_model_tp_plan = _t5_tensor_parallel_plan()
+    # FSDP2: one unit per block (router and all its experts together, never one per expert: pytorch#126616); the
+    # shared embedding and the LM head tied to it stay in the root unit.
+    base_model_fsdp_plan = {"encoder.block.*": "free_full_weight", "decoder.block.*": "free_full_weight"}
 
     num_experts: int = 8
     num_experts_per_tok: int = 2
@@ -113,6 +159,11 @@ class MoeT5Config(MoeConfigMixin, T5Config):
     router_top_p: float | None = None
     router_init: str = "normal"
     output_router_logits: bool = False
+    expert_capacity_factor: float | int | None = None
+    router_groups: int = 1
+    num_groups_per_tok: int = 1
+    expert_dropout: float | int | None = None
+    decoder_router_type: str | None = None
     upcycled_from: str | None = None
     upcycling_method: str | None = None
     upcycling_seed: int | None = None
@@ -127,6 +178,7 @@ class MoeT5Config(MoeConfigMixin, T5Config):
         )
         resolve_moe_layers(self.encoder_moe_layers, self.num_layers, "encoder_moe_layers")
         resolve_moe_layers(self.decoder_moe_layers, num_decoder_layers, "decoder_moe_layers")
+        validate_decoder_router(self, has_decoder_moe=bool(self.decoder_moe_layers))
         super().__post_init__(**kwargs)
         self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
 

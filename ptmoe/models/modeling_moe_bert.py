@@ -42,6 +42,7 @@ from .moe import (
     RouterLosses,
     RouterOutput,
     SparseMoeBlock,
+    check_input_shapes,
     compute_router_losses,
     init_router,
     total_loss,
@@ -279,6 +280,14 @@ class MoeBertModel(MoeBertPreTrainedModel):
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        check_input_shapes(
+            input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1],
+            attention_mask,
+            ids_name="input_ids" if input_ids is not None else "inputs_embeds",
+            # explicit `position_ids` may hold any positions: their values are the embeddings' business
+            max_positions=self.config.max_position_embeddings if position_ids is None else None,
+            token_type_ids=token_type_ids,
+        )
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
 
@@ -338,6 +347,9 @@ class MoeBertForMaskedLM(_MoeBertHeadModel):
         "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
         "cls.predictions.decoder.bias": "cls.predictions.bias",
     }
+    # Split by vocabulary like the word embeddings it is tied to; logits are gathered on every rank. The decoder's
+    # bias is tied to `cls.predictions.bias`, which must be split the same way.
+    _tp_plan = {"cls.predictions.decoder": "colwise_gather_output", "cls.predictions.bias": "colwise"}
 
     def __init__(self, config: MoeBertConfig):
         super().__init__(config)

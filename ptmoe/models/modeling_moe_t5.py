@@ -46,6 +46,7 @@ from .moe import (
     RouterLosses,
     RouterOutput,
     SparseMoeBlock,
+    check_input_shapes,
     compute_router_losses,
     init_router,
     total_loss,
@@ -415,6 +416,27 @@ class MoeT5Stack(MoeT5PreTrainedModel):
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        prefix = "decoder_" if self.is_decoder else ""  # the argument names of the encoder-decoder models
+        input_shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
+        mask_2d = attention_mask is not None and attention_mask.dim() == 2
+        # The past length is only needed to check a 2-D mask (some caches count it with a tensor reduction).
+        past_length = cache.get_seq_length() if self.is_decoder and cache is not None and mask_2d else 0
+        check_input_shapes(
+            input_shape,
+            attention_mask,
+            ids_name=prefix + ("input_ids" if input_ids is not None else "inputs_embeds"),
+            mask_name=prefix + "attention_mask",
+            past_length=past_length,
+        )
+        if encoder_hidden_states is not None:
+            check_input_shapes(
+                encoder_hidden_states.shape[:-1], encoder_attention_mask, ids_name="encoder_hidden_states"
+            )
+            if encoder_hidden_states.shape[0] != input_shape[0]:
+                raise ValueError(
+                    f"`{prefix}input_ids` has batch size {input_shape[0]} but the encoder output has "
+                    f"{encoder_hidden_states.shape[0]}: encoder and decoder inputs must hold the same sequences."
+                )
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         if inputs_embeds is None:
@@ -461,6 +483,12 @@ class MoeT5Stack(MoeT5PreTrainedModel):
 
         position_bias = None
         encoder_decoder_position_bias = None
+        if self.is_decoder and encoder_hidden_states is not None:
+            # Cross-attention has no position bias. T5 builds a zero one with `n_heads` heads; one broadcast over
+            # the heads adds the same zeros and also fits a tensor-parallel rank that holds only some of the heads.
+            encoder_decoder_position_bias = inputs_embeds.new_zeros(
+                1, 1, seq_length, encoder_hidden_states.shape[1]
+            )
         routing: list[RouterOutput] = []
         hidden_states = self.dropout(inputs_embeds)
         for block in self.block:
@@ -623,6 +651,8 @@ class MoeT5ForConditionalGeneration(MoeT5PreTrainedModel, GenerationMixin):
         "decoder.embed_tokens.weight": "shared.weight",
         "lm_head.weight": "shared.weight",
     }
+    # Split by vocabulary like the shared embedding it is tied to; logits are gathered on every rank.
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: MoeT5Config):
         super().__init__(config)

@@ -12,7 +12,13 @@ only torch and transformers — never ``ptmoe``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
+import logging
+import math
+import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,8 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
 
-ROUTER_TYPES = ("topk", "switch", "noisy_topk", "hash")
+ROUTER_TYPES = ("topk", "switch", "noisy_topk", "hash", "expert_choice", "hierarchical")
 COMBINE_WEIGHTS = ("router", "ones")
 HASH_ROUTER_SEED = 1234  # fixed: the token → expert table must not depend on the global RNG
 
@@ -67,8 +74,22 @@ def resolve_moe_layers(
     return sorted(layers)
 
 
+def check_finite_fields(config) -> None:
+    """Refuse nan/inf in every float field of `config` (and in lists of floats), naming the field.
+
+    One check over all fields, so float fields added later (and BERT's/T5's own, such as dropout rates) are
+    covered too: a nan or inf coefficient would silently turn every training loss into nan/inf.
+    """
+    for name, value in vars(config).items():
+        values = value if isinstance(value, (list, tuple)) else (value,)
+        for item in values:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError(f"`{name}` must be a finite number, got {value!r}")
+
+
 def validate_moe_fields(config) -> None:
     """Raise a `ValueError` naming the field for every invalid MoE value of `config` (checked at construction)."""
+    check_finite_fields(config)
     if not isinstance(config.num_experts, int) or config.num_experts < 1:
         raise ValueError(f"`num_experts` must be an integer >= 1, got {config.num_experts!r}")
     k = config.num_experts_per_tok
@@ -135,6 +156,107 @@ def validate_moe_fields(config) -> None:
         raise ValueError(
             f"`expert_intermediate_size` must be None or an integer >= 1, got {config.expert_intermediate_size!r}"
         )
+    validate_routing_extensions(config)
+
+
+EXPERT_CHOICE_DECODER_ERROR = (
+    "`router_type='expert_choice'` needs every token of a sequence before routing (each expert picks its "
+    "top tokens), so it only works in encoders: a decoder (and every `generate()` step) sees one token at a time "
+    "and would leak future tokens. For MoE-T5 set `decoder_router_type` (e.g. 'topk', as Sparse Upcycling does) or "
+    "`decoder_moe_layers=[]`."
+)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_routing_extensions(config) -> None:
+    """Check the fields of expert-choice routing, hierarchical routing and expert dropout (`ValueError` naming them).
+
+    Configs saved before these fields existed load with their defaults (`getattr`).
+    """
+    capacity = getattr(config, "expert_capacity_factor", None)
+    if capacity is not None and (not _is_number(capacity) or capacity <= 0):
+        raise ValueError(f"`expert_capacity_factor` must be None or a number > 0, got {capacity!r}")
+    router_types = (config.router_type, getattr(config, "decoder_router_type", None))
+    if capacity is not None and "expert_choice" not in router_types:
+        raise ValueError(
+            f"`expert_capacity_factor` applies to `router_type='expert_choice'` only (got router_type="
+            f"{config.router_type!r}); the Switch router's capacity is `capacity_factor`"
+        )
+    dropout = getattr(config, "expert_dropout", None)
+    if dropout is not None and (not _is_number(dropout) or not 0 <= dropout < 1):
+        raise ValueError(f"`expert_dropout` must be None or a number in [0, 1), got {dropout!r}")
+    groups = getattr(config, "router_groups", 1)
+    groups_per_tok = getattr(config, "num_groups_per_tok", 1)
+    for name, value in (("router_groups", groups), ("num_groups_per_tok", groups_per_tok)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+    if "hierarchical" not in router_types:
+        if groups != 1 or groups_per_tok != 1:
+            raise ValueError(
+                f"`router_groups` / `num_groups_per_tok` apply to `router_type='hierarchical'` only; got "
+                f"router_groups={groups}, num_groups_per_tok={groups_per_tok} with router_type={config.router_type!r}"
+            )
+    elif router_type_of(config) == "hierarchical":
+        num_experts, k = config.num_experts, config.num_experts_per_tok
+        if num_experts % groups != 0:
+            raise ValueError(
+                f"`router_groups` ({groups}) must divide `num_experts` ({num_experts}) into equal groups: choose "
+                f"router_groups among {[g for g in range(1, num_experts + 1) if num_experts % g == 0]}"
+            )
+        if groups_per_tok > groups:
+            raise ValueError(
+                f"`num_groups_per_tok` ({groups_per_tok}) cannot be larger than `router_groups` ({groups})"
+            )
+        if k % groups_per_tok != 0:
+            raise ValueError(
+                f"`num_experts_per_tok` ({k}) is the total number of experts per token and must split evenly over "
+                f"the `num_groups_per_tok` ({groups_per_tok}) chosen groups"
+            )
+        if k // groups_per_tok > num_experts // groups:
+            raise ValueError(
+                f"hierarchical routing picks num_experts_per_tok / num_groups_per_tok = {k // groups_per_tok} "
+                f"experts in each chosen group, but a group has only num_experts / router_groups = "
+                f"{num_experts // groups}: lower `num_experts_per_tok`, raise `num_groups_per_tok` or use fewer groups"
+            )
+    if router_type_of(config) == "expert_choice" and getattr(config, "is_decoder", False):
+        raise ValueError(EXPERT_CHOICE_DECODER_ERROR)
+
+
+def router_type_of(config) -> str:
+    """The router of the stack `config` describes: `decoder_router_type` in a decoder stack when set, else `router_type`."""
+    if getattr(config, "is_decoder", False) and getattr(config, "decoder_router_type", None) is not None:
+        return config.decoder_router_type
+    return config.router_type
+
+
+def validate_decoder_router(config, has_decoder_moe: bool) -> None:
+    """Check the decoder's router of an encoder-decoder config (`decoder_router_type`, or `router_type` if unset).
+
+    Args:
+        config: a MoE encoder-decoder config (MoE-T5).
+        has_decoder_moe (`bool`): whether the decoder has MoE layers (expert choice is fine without them).
+    """
+    decoder_type = config.decoder_router_type
+    if decoder_type is not None:
+        if decoder_type not in ROUTER_TYPES:
+            raise ValueError(
+                f"`decoder_router_type` must be None or one of {ROUTER_TYPES}, got {decoder_type!r}"
+            )
+        if decoder_type == "switch" and config.num_experts_per_tok != 1:
+            raise ValueError(
+                "`decoder_router_type='switch'` routes every token to one expert: set `num_experts_per_tok=1`, "
+                f"got {config.num_experts_per_tok}"
+            )
+        if decoder_type == "hierarchical" and config.router_type != "hierarchical":
+            # the group fields were checked against the encoder's router: check them for the decoder's
+            view = copy.copy(config)
+            view.__dict__["is_decoder"] = True
+            validate_routing_extensions(view)
+    if has_decoder_moe and (decoder_type or config.router_type) == "expert_choice":
+        raise ValueError(EXPERT_CHOICE_DECODER_ERROR)
 
 
 # Switch Transformer recipe (Fedus et al. 2021; z-loss from ST-MoE, Zoph et al. 2022): top-1 routing with an
@@ -163,6 +285,67 @@ class MoeConfigMixin:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Input checks at the top of the forwards: shapes only (no tensor values, so no host sync in the hot path)
+# --------------------------------------------------------------------------------------------------------------
+def check_input_shapes(
+    input_shape: Sequence[int],
+    attention_mask: torch.Tensor | None = None,
+    *,
+    ids_name: str = "input_ids",
+    mask_name: str = "attention_mask",
+    max_positions: int | None = None,
+    past_length: int = 0,
+    **same_shape: torch.Tensor | None,
+) -> None:
+    """Refuse inputs whose shapes do not fit, with a `ValueError` naming the argument, before any tensor code runs.
+
+    Without this a wrong mask or an over-long sequence ends in a broadcasting `RuntimeError` inside a router or an
+    `IndexError` in the position embeddings.
+
+    Args:
+        input_shape (`Sequence[int]`): `(batch_size, sequence_length)` of `input_ids` (or of `inputs_embeds` without
+            its hidden dimension).
+        attention_mask (`torch.Tensor`, *optional*): a 2-D padding mask must be `(batch_size, past_length +
+            sequence_length)`; 4-D masks are taken as they are.
+        ids_name (`str`), mask_name (`str`): the argument names used in messages.
+        max_positions (`int`, *optional*): learned absolute positions (`max_position_embeddings`); `past_length +
+            sequence_length` must not exceed it.
+        past_length (`int`, defaults to 0): tokens already in the cache (decoders).
+        **same_shape: other `(batch_size, sequence_length)` inputs by argument name (e.g. `token_type_ids`).
+    """
+    if len(input_shape) != 2:
+        raise ValueError(
+            f"`{ids_name}` must have shape (batch_size, sequence_length), got {tuple(input_shape)}: add the batch "
+            "dimension (e.g. `input_ids.unsqueeze(0)`, or `return_tensors='pt'` in the tokenizer)."
+        )
+    batch_size, seq_length = input_shape
+    if seq_length == 0:
+        raise ValueError(f"`{ids_name}` is empty (sequence length 0): pass at least one token per sequence.")
+    total = past_length + seq_length
+    if max_positions is not None and total > max_positions:
+        raise ValueError(
+            f"`{ids_name}` has {total} tokens per sequence but the model has {max_positions} positions "
+            f"(`max_position_embeddings`): truncate the input (e.g. `truncation=True, max_length={max_positions}` "
+            "in the tokenizer)."
+        )
+    if attention_mask is not None and attention_mask.dim() != 4:
+        if tuple(attention_mask.shape) != (batch_size, total):
+            expected = f"({batch_size}, {total})" + (
+                f" = past {past_length} + {seq_length} new" if past_length else ""
+            )
+            raise ValueError(
+                f"`{mask_name}` has shape {tuple(attention_mask.shape)} but `{ids_name}` needs {expected} "
+                "(batch_size, sequence_length): build both with the same tokenizer call, with the same padding."
+            )
+    for name, tensor in same_shape.items():
+        if tensor is not None and tuple(tensor.shape) != (batch_size, seq_length):
+            raise ValueError(
+                f"`{name}` has shape {tuple(tensor.shape)} but `{ids_name}` has ({batch_size}, {seq_length}): they "
+                "must have the same shape."
+            )
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Routers
 # --------------------------------------------------------------------------------------------------------------
 @dataclass
@@ -172,12 +355,20 @@ class RouterOutput:
     Attributes:
         router_logits (`torch.FloatTensor` of shape `(B, S, E)`): pre-softmax scores, always fp32.
         router_probs (`torch.FloatTensor` of shape `(B, S, E)`): softmax of `router_logits`.
-        topk_index (`torch.LongTensor` of shape `(B, S, k)`): chosen experts, before any capacity drop.
+        topk_index (`torch.LongTensor` of shape `(B, S, k)`): chosen experts, before any capacity drop; -1 marks a
+            slot that holds no expert (expert choice: slot e holds expert e when e picked the token, else -1).
         topk_weights (`torch.FloatTensor` of shape `(B, S, k)`): weights that combine the chosen experts' outputs.
         dispatch_mask (`torch.BoolTensor` of shape `(B, S, k)`): True where the token really goes to that expert;
             False for padding tokens and for tokens dropped by the expert capacity (their expert output is zero).
         token_mask (`torch.BoolTensor` of shape `(B, S)`): True for real (non-padding) tokens.
         learned (`bool`): False for routers without trainable parameters (hash): their losses are not computed.
+        expert_choice (`bool`): True when experts chose the tokens (`ExpertChoiceRouter`): the layer is balanced by
+            construction, so the load-balancing and importance losses are not computed for it.
+        group_routing (`RouterOutput`, *optional*): hierarchical routing only: the first level's decision over the
+            G expert groups (`router_logits` / `router_probs` of shape `(B, S, G)`, `topk_index` / `topk_weights` of
+            shape `(B, S, groups per token)`).
+        expert_logits (`torch.FloatTensor` of shape `(B, S, E)`, *optional*): hierarchical routing only: the raw
+            expert-gate logits, whose softmax runs within each group (`router_logits` then holds log(router_probs)).
     """
 
     router_logits: torch.Tensor
@@ -187,6 +378,9 @@ class RouterOutput:
     dispatch_mask: torch.Tensor
     token_mask: torch.Tensor
     learned: bool = True
+    expert_choice: bool = False
+    group_routing: RouterOutput | None = None
+    expert_logits: torch.Tensor | None = None
 
     @property
     def expert_index(self) -> torch.Tensor:
@@ -203,6 +397,7 @@ class TopKRouter(nn.Module):
     """
 
     learned = True
+    expert_choice = False
 
     def __init__(
         self,
@@ -223,13 +418,16 @@ class TopKRouter(nn.Module):
         self.top_p = top_p
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
 
-    def compute_logits(self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
+    def router_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The fp32 router input, with Switch Transformer's multiplicative uniform jitter in training."""
         hidden_states = hidden_states.float()
         if self.training and self.jitter_noise > 0:
-            # Switch Transformer: multiplicative uniform jitter on the router input, training only.
             noise = torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
             hidden_states = hidden_states * noise
-        return F.linear(hidden_states, self.weight.float())  # (B, S, E)
+        return hidden_states
+
+    def compute_logits(self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(self.router_input(hidden_states), self.weight.float())  # (B, S, E)
 
     def select(self, router_probs: torch.Tensor, token_mask: torch.Tensor):
         topk_weights, topk_index = torch.topk(router_probs, self.num_experts_per_tok, dim=-1)  # (B, S, k)
@@ -269,6 +467,7 @@ class TopKRouter(nn.Module):
             dispatch_mask=dispatch_mask,
             token_mask=token_mask,
             learned=self.learned,
+            expert_choice=self.expert_choice,
         )
 
 
@@ -396,9 +595,130 @@ class HashRouter(TopKRouter):
         return topk_weights, topk_index, token_mask.unsqueeze(-1)
 
 
+class ExpertChoiceRouter(TopKRouter):
+    """Expert-choice routing (Zhou et al., NeurIPS 2022): each expert picks its top tokens, not tokens their experts.
+
+    Per sequence with ``n`` real tokens, every expert takes the ``c = min(n, ceil(capacity_factor · n / E))`` real
+    tokens with the highest router probability ``S = softmax(x·W)`` (softmax over experts, as in the paper's eq. 1)
+    and scales its output for a token by that token's score ``S[t, e]``. Every expert therefore does exactly the
+    same work (perfect balance by construction, no load-balancing loss), a token may be taken by 0 to E experts
+    (``capacity_factor`` of them on average: the compute of top-k with k = capacity_factor), and padding is never
+    picked. Ties go to the earlier token (stable sort), so a sequence is routed the same in any batch.
+
+    Encoder only: the choice depends on every token of the sequence, which a decoder (and `generate()`) does not
+    have. The decision is expressed as a `RouterOutput` with E slots: slot e holds expert e when e picked the token
+    and -1 otherwise (up to E experts per token: the paper's uncapped variant), so `SparseMoeBlock` dispatches it
+    like any other router.
+    """
+
+    expert_choice = True
+
+    def __init__(self, hidden_size: int, num_experts: int, capacity_factor: float, jitter_noise: float = 0.0):
+        super().__init__(
+            hidden_size, num_experts, num_experts, norm_topk_prob=False, jitter_noise=jitter_noise
+        )
+        self.capacity_factor = capacity_factor
+
+    def capacity(self, token_mask: torch.Tensor) -> torch.Tensor:
+        """`(B,)` tokens each expert takes in each sequence: ``min(n, ceil(capacity_factor · n / E))``."""
+        real_tokens = token_mask.sum(dim=-1)  # (B,)
+        # float64: the same rounding as a Python `math.ceil(capacity_factor * n / E)`
+        capacity = torch.ceil(real_tokens.double() * self.capacity_factor / self.num_experts).long()
+        return torch.minimum(capacity, real_tokens)
+
+    def select(self, router_probs: torch.Tensor, token_mask: torch.Tensor):
+        seq_len, num_experts = router_probs.shape[1:]
+        # Probabilities are >= 0, so -1 puts padding after every real token of the sequence.
+        scores = router_probs.masked_fill(~token_mask.unsqueeze(-1), -1.0).transpose(1, 2)  # (B, E, S)
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices  # (B, E, S)
+        positions = torch.arange(seq_len, device=order.device).expand_as(order)
+        rank = torch.empty_like(order).scatter_(-1, order, positions)  # (B, E, S): token's place in e's queue
+        chosen = (rank < self.capacity(token_mask).view(-1, 1, 1)).transpose(1, 2)  # (B, S, E)
+        experts = torch.arange(num_experts, device=router_probs.device).expand_as(chosen)
+        topk_index = experts.masked_fill(~chosen, -1)  # (B, S, E): slot e = expert e or -1
+        topk_weights = router_probs * chosen
+        return topk_weights, topk_index, chosen
+
+
+class HierarchicalRouter(TopKRouter):
+    """Two-level (hierarchical) mixture-of-experts gating (Jordan & Jacobs 1994; Bishop, PRML §14.5.3).
+
+    The E experts form G groups of E/G consecutive experts. A group gate ``softmax(x·W_group)`` picks the
+    `num_groups_per_tok` best groups; inside each chosen group an expert gate (a softmax over that group's E/G
+    logits of ``x·W``) picks ``num_experts_per_tok / num_groups_per_tok`` experts. A token's combine weight for an
+    expert is the product of its group gate and its expert gate, each renormalised over the chosen ones when
+    `norm_topk_prob`. `router_probs` is the full two-level distribution ``P(g) · P(e | g)`` over the E experts
+    (`router_logits` its log). With one group this is exactly flat top-k routing.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        num_experts_per_tok: int,
+        num_groups: int,
+        num_groups_per_tok: int = 1,
+        norm_topk_prob: bool = True,
+        jitter_noise: float = 0.0,
+    ):
+        super().__init__(hidden_size, num_experts, num_experts_per_tok, norm_topk_prob, jitter_noise)
+        self.num_groups = num_groups
+        self.num_groups_per_tok = num_groups_per_tok
+        self.group_weight = nn.Parameter(torch.empty(num_groups, hidden_size))
+
+    def _top(self, probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, index = torch.topk(probs, k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, index
+
+    def forward(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor, input_ids: torch.Tensor | None = None
+    ) -> RouterOutput:
+        groups, group_size = self.num_groups, self.num_experts // self.num_groups
+        groups_per_tok = self.num_groups_per_tok
+        experts_per_group = self.num_experts_per_tok // groups_per_tok
+        router_input = self.router_input(hidden_states)  # one (jittered) input for both levels
+        group_logits = F.linear(router_input, self.group_weight.float())  # (B, S, G)
+        expert_logits = F.linear(router_input, self.weight.float())  # (B, S, E)
+        group_probs = group_logits.softmax(dim=-1)
+        group_weights, group_index = self._top(group_probs, groups_per_tok)  # (B, S, g)
+        in_group_probs = expert_logits.unflatten(-1, (groups, group_size)).softmax(dim=-1)  # (B, S, G, E/G)
+        chosen_groups = in_group_probs.gather(
+            2, group_index.unsqueeze(-1).expand(-1, -1, -1, group_size)
+        )  # (B, S, g, E/G)
+        expert_weights, expert_in_group = self._top(chosen_groups, experts_per_group)  # (B, S, g, k/g)
+        topk_index = (group_index.unsqueeze(-1) * group_size + expert_in_group).flatten(2)  # (B, S, k)
+        topk_weights = (group_weights.unsqueeze(-1) * expert_weights).flatten(2)  # (B, S, k)
+        router_probs = (group_probs.unsqueeze(-1) * in_group_probs).flatten(2)  # (B, S, E)
+        router_logits = (
+            group_logits.log_softmax(dim=-1).unsqueeze(-1)
+            + expert_logits.unflatten(-1, (groups, group_size)).log_softmax(dim=-1)
+        ).flatten(2)  # (B, S, E): log P(g) + log P(e | g), so softmax(router_logits) == router_probs
+        group_routing = RouterOutput(
+            router_logits=group_logits,
+            router_probs=group_probs,
+            topk_index=group_index,
+            topk_weights=group_weights,
+            dispatch_mask=token_mask.unsqueeze(-1).expand_as(group_index),
+            token_mask=token_mask,
+        )
+        return RouterOutput(
+            router_logits=router_logits,
+            router_probs=router_probs,
+            topk_index=topk_index,
+            topk_weights=topk_weights,
+            dispatch_mask=token_mask.unsqueeze(-1).expand_as(topk_index),
+            token_mask=token_mask,
+            group_routing=group_routing,
+            expert_logits=expert_logits,
+        )
+
+
 def build_router(config, hidden_size: int) -> TopKRouter:
-    """Build the router named by ``config.router_type``."""
-    if config.router_type == "topk":
+    """Build the router named by ``config.router_type`` (``decoder_router_type`` in a decoder stack, when set)."""
+    router_type = router_type_of(config)
+    if router_type == "topk":
         return TopKRouter(
             hidden_size,
             config.num_experts,
@@ -408,7 +728,7 @@ def build_router(config, hidden_size: int) -> TopKRouter:
             getattr(config, "combine_weights", "router"),
             getattr(config, "router_top_p", None),
         )
-    if config.router_type == "switch":
+    if router_type == "switch":
         return SwitchRouter(
             hidden_size,
             config.num_experts,
@@ -417,7 +737,7 @@ def build_router(config, hidden_size: int) -> TopKRouter:
             expert_capacity=config.expert_capacity,
             jitter_noise=config.router_jitter_noise,
         )
-    if config.router_type == "noisy_topk":
+    if router_type == "noisy_topk":
         return NoisyTopKRouter(
             hidden_size,
             config.num_experts,
@@ -426,8 +746,28 @@ def build_router(config, hidden_size: int) -> TopKRouter:
             getattr(config, "combine_weights", "router"),
             getattr(config, "router_top_p", None),
         )
-    if config.router_type == "hash":
+    if router_type == "hash":
         return HashRouter(config.num_experts, config.vocab_size)
+    if router_type == "expert_choice":
+        if getattr(config, "is_decoder", False):
+            raise ValueError(EXPERT_CHOICE_DECODER_ERROR)
+        capacity_factor = getattr(config, "expert_capacity_factor", None)
+        return ExpertChoiceRouter(
+            hidden_size,
+            config.num_experts,
+            capacity_factor if capacity_factor is not None else config.num_experts_per_tok,
+            config.router_jitter_noise,
+        )
+    if router_type == "hierarchical":
+        return HierarchicalRouter(
+            hidden_size,
+            config.num_experts,
+            config.num_experts_per_tok,
+            num_groups=config.router_groups,
+            num_groups_per_tok=config.num_groups_per_tok,
+            norm_topk_prob=config.norm_topk_prob,
+            jitter_noise=config.router_jitter_noise,
+        )
     raise ValueError(f"`router_type` must be one of {ROUTER_TYPES}, got {config.router_type!r}")
 
 
@@ -487,7 +827,9 @@ class SparseMoeBlock(nn.Module):
     Args:
         config: a ptmoe MoE config (router fields, `num_experts`, `num_shared_experts`, `vocab_size`).
         hidden_size (`int`), intermediate_size (`int`), hidden_act (`str`), gated (`bool`), bias (`bool`),
-        dropout (`float`): the shape of every expert, as in the dense FFN it replaces.
+        dropout (`float`): the shape of every expert, as in the dense FFN it replaces. `dropout` is the dropout the
+            dense FFN applies between its projections (T5: `dropout_rate`; BERT: none); `config.expert_dropout`,
+            when set, replaces it inside the experts only (Switch Transformer's expert dropout).
     """
 
     def __init__(
@@ -503,6 +845,8 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         self.num_experts = config.num_experts
         self.router = build_router(config, hidden_size)
+        if getattr(config, "expert_dropout", None) is not None:
+            dropout = config.expert_dropout
         expert_args = (hidden_size, intermediate_size, hidden_act, gated, bias, dropout)
         self.experts = nn.ModuleList([MoeExpert(*expert_args) for _ in range(config.num_experts)])
         # The shared experts may be wider than the routed ones (the importance split keeps its top neurons there).
@@ -715,25 +1059,61 @@ def total_loss(task_loss: torch.Tensor | None, outputs, config) -> torch.Tensor 
     )
 
 
+def layer_router_losses(routing: RouterOutput) -> RouterLosses:
+    """Load-balancing, z and importance losses of one MoE layer's routing decision.
+
+    - Token choice (top-k, Switch, noisy top-k): the three losses above, on `router_probs` / `router_logits`.
+    - Expert choice (Zhou et al. 2022): every expert takes the same number of tokens by construction, so the
+      load-balancing and importance losses (which push towards that balance) are 0, as in the paper, which uses no
+      auxiliary loss. The router z-loss is kept: it only keeps the logits small (ST-MoE's stability argument holds
+      for any softmax router).
+    - Hierarchical: the mean of the two levels' losses. Group level: the three losses over the G groups
+      (`group_routing`). Expert level: load balance and importance over all E experts (probabilities
+      ``P(g)·P(e|g)``, combine weights), and the z-loss of the expert gate's logits within each group
+      (`expert_logits`), the softmax they enter. With one group, the group level is skipped (a single group is
+      always balanced), so G = 1 gives exactly the losses of flat top-k routing.
+    """
+    token_mask = routing.token_mask
+    if routing.expert_logits is not None:  # hierarchical: z-loss of the within-group softmaxes
+        groups = routing.group_routing.router_probs.shape[-1]
+        grouped = routing.expert_logits.unflatten(-1, (groups, -1))  # (B, S, G, E/G)
+        z = router_z_loss(grouped, token_mask.unsqueeze(-1).expand(grouped.shape[:-1]))
+    else:
+        z = router_z_loss(routing.router_logits, token_mask)
+    if routing.expert_choice:
+        zero = z * 0.0
+        return RouterLosses(zero, z, zero)
+    num_experts = routing.router_probs.shape[-1]
+    losses = RouterLosses(
+        load_balancing_loss(routing.router_probs, routing.topk_index, token_mask),
+        z,
+        importance_loss(routing.topk_weights, routing.topk_index, num_experts, token_mask),
+    )
+    group = routing.group_routing
+    if group is None or group.router_probs.shape[-1] == 1:
+        return losses
+    group_losses = layer_router_losses(group)
+    return RouterLosses(
+        (losses.aux_loss + group_losses.aux_loss) / 2,
+        (losses.z_loss + group_losses.z_loss) / 2,
+        (losses.importance_loss + group_losses.importance_loss) / 2,
+    )
+
+
 def compute_router_losses(router_outputs: Sequence[RouterOutput], reference: torch.Tensor) -> RouterLosses:
-    """Per MoE layer load-balancing, z and importance losses, then averaged over layers.
+    """Per MoE layer load-balancing, z and importance losses (`layer_router_losses`), then averaged over layers.
 
     Args:
         router_outputs: one `RouterOutput` per MoE layer.
         reference (`torch.Tensor`): any tensor of the model, for the device of the zero losses.
     """
-    learned = [r for r in router_outputs if r.learned]
+    learned = [layer_router_losses(r) for r in router_outputs if r.learned]
     if not learned:
         zero = torch.zeros((), device=reference.device)
         return RouterLosses(zero, zero, zero)
-    aux = torch.stack([load_balancing_loss(r.router_probs, r.topk_index, r.token_mask) for r in learned])
-    z = torch.stack([router_z_loss(r.router_logits, r.token_mask) for r in learned])
-    imp = torch.stack(
-        [
-            importance_loss(r.topk_weights, r.topk_index, r.router_probs.shape[-1], r.token_mask)
-            for r in learned
-        ]
-    )
+    aux = torch.stack([losses.aux_loss for losses in learned])
+    z = torch.stack([losses.z_loss for losses in learned])
+    imp = torch.stack([losses.importance_loss for losses in learned])
     return RouterLosses(aux.mean(), z.mean(), imp.mean())
 
 
@@ -759,12 +1139,19 @@ def init_router(module: nn.Module, config, std: float) -> bool:
             init.zeros_(
                 module.noise_weight
             )  # softplus(0) ≈ 0.69: unit-scale noise at the start, learned after
+        if isinstance(module, HierarchicalRouter):  # the group gate starts like the expert gate
+            if config.router_init == "zeros":
+                init.zeros_(module.group_weight)
+            else:
+                init.normal_(module.group_weight, mean=0.0, std=std)
         return True
     return False
 
 
 def count_parameters(model: nn.Module, num_experts_per_tok: int | None = None) -> dict[str, int]:
     """Total parameters and parameters active per token (one token uses k of the E routed experts).
+
+    In an expert-choice layer k is the mean number of experts per token, its capacity factor (rounded).
 
     Args:
         model (`nn.Module`): a ptmoe model.
@@ -776,7 +1163,10 @@ def count_parameters(model: nn.Module, num_experts_per_tok: int | None = None) -
     for module in model.modules():
         if isinstance(module, SparseMoeBlock):
             per_expert = sum(p.numel() for p in module.experts[0].parameters())
-            inactive += per_expert * (len(module.experts) - k)
+            layer_k = k
+            if num_experts_per_tok is None and isinstance(module.router, ExpertChoiceRouter):
+                layer_k = round(module.router.capacity_factor)
+            inactive += per_expert * (len(module.experts) - layer_k)
     return {"total": total, "active": total - inactive}
 
 
@@ -860,6 +1250,139 @@ def keep_modules_unquantized(quantization_config, modules: Sequence[str] | None)
     return config
 
 
+def reduce_unused_expert_gradients(model: nn.Module) -> bool:
+    """Make an FSDP2-sharded model reduce a zero gradient for experts that got no token on a rank; True if it is one.
+
+    Under FSDP each rank routes its own batch, so an expert can receive tokens on one rank and none on another. The
+    rank without tokens then has no gradient for that expert, and FSDP2 by default leaves such parameters out of its
+    reduce-scatter: the ranks send buffers of different sizes and fail or hang. `from_pretrained(...,
+    distributed_config=DistributedConfig(fsdp_size=…))` calls this for ptmoe models; call it yourself after
+    `torch.distributed.fsdp.fully_shard(model)` (accelerate's FSDP2 included).
+
+    Args:
+        model (`nn.Module`): the model, sharded with FSDP2 (`fully_shard`) or not (then nothing changes).
+    """
+    if not callable(getattr(model, "set_reduce_scatter_unused_params", None)):
+        return False
+    model.set_reduce_scatter_unused_params(True)
+    return True
+
+
+def check_local_checkpoint(
+    name_or_path: str | os.PathLike, argument: str = "pretrained_model_name_or_path"
+) -> None:
+    """Refuse a local checkpoint path that does not exist, naming `argument` (transformers would call it a repo id).
+
+    A value counts as a local path when it is a `PathLike`, is absolute, starts with `.` or `~`, contains a
+    backslash or more than one `/` (Hub ids have at most one), or when its first component is an existing folder
+    (``outputs/moe`` while ``outputs/`` exists). Anything else may be a Hub id and is left to transformers.
+
+    Args:
+        name_or_path (`str` or `os.PathLike`): a folder or a Hub id.
+        argument (`str`): how the caller names it in messages, e.g. ``"--base"``.
+
+    Raises:
+        `FileNotFoundError`: the local folder does not exist. `NotADirectoryError`: it is a file.
+    """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        return
+    text = os.fspath(name_or_path)
+    path = os.path.expanduser(text)
+    if os.path.isdir(path):
+        return
+    if os.path.exists(path):
+        raise NotADirectoryError(f"{argument} {text!r} is a file: pass the folder that holds config.json")
+    first = text.replace("\\", "/").split("/")[0]
+    local = (
+        not isinstance(name_or_path, str)
+        or os.path.isabs(path)
+        or text.startswith((".", "~"))
+        or "\\" in text
+        or text.count("/") > 1
+        or (text.count("/") == 1 and bool(first) and os.path.isdir(first))
+    )
+    if local:
+        raise FileNotFoundError(
+            f"{argument} {text!r}: no such folder (current directory {os.getcwd()!r}). Check the path; a Hub id "
+            "has the form 'name' or 'org/name'."
+        )
+
+
+_CONVERSION_FAILED = "issues during automatic conversion of the weights"
+_EXCEPTION_LINE = re.compile(r"^\s*(\w+(?:Error|Exception)): (.+)$")
+
+
+class _WarningCapture(logging.Handler):
+    """Keeps the messages of one logger while loading (transformers logs conversion failures, then raises)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _conversion_errors_surfaced(name_or_path):
+    """Turn transformers' "issues during automatic conversion of the weights" into a `ValueError` with the cause.
+
+    transformers (5.x) catches the exception of a failed weight conversion (e.g. a bitsandbytes setting it
+    rejects), writes its traceback into the loading report it logs, and raises a `RuntimeError` that only points
+    at the log. The cause is the last "SomeError: message" line of that report.
+    """
+    logger = logging.getLogger("transformers")  # the report goes to a child logger (modeling_utils)
+    capture = _WarningCapture()
+    logger.addHandler(capture)
+    try:
+        yield
+    except RuntimeError as error:
+        if _CONVERSION_FAILED not in str(error):
+            raise
+        causes = [
+            match.group(1, 2)
+            for message in capture.messages
+            for match in map(_EXCEPTION_LINE.match, message.splitlines())
+            if match
+        ]
+        cause = f"{causes[-1][0]}: {causes[-1][1]}" if causes else "see the CONVERSION entries logged above"
+        raise ValueError(
+            f"Loading {os.fspath(name_or_path)!r} failed while converting its weights: {cause}. Check the "
+            "`quantization_config` (e.g. `bnb_4bit_quant_type` must be 'nf4' or 'fp4'; `ptmoe.bnb_4bit_config()` "
+            "validates its settings) and that the checkpoint matches the model class."
+        ) from error
+    finally:
+        logger.removeHandler(capture)
+
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _refuse_pickle_only_folder(name_or_path) -> None:
+    """A local folder with pickled weights and no safetensors gets a message that says so (not "file not found")."""
+    if not isinstance(name_or_path, (str, os.PathLike)) or not os.path.isdir(name_or_path):
+        return
+    names = os.listdir(name_or_path)
+    pickles = sorted(n for n in names if n.endswith(_PICKLE_SUFFIXES) and n != "training_args.bin")
+    if pickles and not any(n.endswith(".safetensors") for n in names):
+        raise ValueError(
+            f"{os.fspath(name_or_path)!r} holds only pickled weights ({', '.join(pickles[:3])}) and no .safetensors "
+            "file. ptmoe loads safetensors only, because unpickling can run arbitrary code: in an environment you "
+            "trust, load it with transformers and `save_pretrained` it again (safetensors is the default)."
+        )
+
+
+def _refuse_dense_checkpoint(model: nn.Module, loading_info: dict, name_or_path) -> None:
+    """A checkpoint without any expert or router weight is a dense one: say so and point at upcycling."""
+    moe_keys = [k for k in model.state_dict() if ".moe." in f".{k}"]
+    missing = set(loading_info.get("missing_keys", []))
+    if moe_keys and all(k in missing for k in moe_keys):
+        raise ValueError(
+            f"{os.fspath(name_or_path)!r} has no expert or router weights: it is a dense checkpoint. Turn it into a "
+            "MoE checkpoint first with `ptmoe.upcycle(...)` / `ptmoe upcycle --base ... --out ...`, then load that."
+        )
+
+
 def load_checked(from_pretrained, *args, **kwargs):
     """Run a `from_pretrained` and refuse the result when experts/routers do not match (see `check_expert_keys`).
 
@@ -877,10 +1400,26 @@ def load_checked(from_pretrained, *args, **kwargs):
         kwargs["quantization_config"] = keep_modules_unquantized(
             kwargs["quantization_config"], getattr(model_class, "_modules_to_not_quantize", None)
         )
-    model, loading_info = from_pretrained(
-        *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
-    )
+    name_or_path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+    check_local_checkpoint(name_or_path)
+    _refuse_pickle_only_folder(name_or_path)
+    # Pickled weights (`pytorch_model.bin`) can run code when loaded: ptmoe reads safetensors only.
+    kwargs.setdefault("use_safetensors", True)
+    with _conversion_errors_surfaced(name_or_path):
+        try:
+            model, loading_info = from_pretrained(
+                *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+            )
+        except Exception as error:
+            if type(error).__name__ != "SafetensorError":  # safetensors' own error type, not imported here
+                raise
+            raise OSError(
+                f"A safetensors file of {os.fspath(name_or_path)!r} is damaged or incomplete ({error}): save or "
+                "download the checkpoint again."
+            ) from error
     disable_bnb_cpu_weight_repacking(model)
+    reduce_unused_expert_gradients(model)
+    _refuse_dense_checkpoint(model, loading_info, name_or_path)
     check_expert_keys(loading_info, model.config)
     mismatched = loading_info.get("mismatched_keys", [])
     if mismatched and not ignore_mismatched_sizes:
@@ -897,6 +1436,26 @@ class MoePreTrainedMixin:
     # `loss` already averages over tokens and adds the router losses: the Trainer must still divide it by the
     # gradient-accumulation steps and must not rescale it by the number of processes.
     accepts_loss_kwargs = False
+
+    def init_parallel_plans(self) -> None:
+        """transformers' plan collection, keeping only the rules that name a module or parameter of this model.
+
+        The config families declare one plan for all their models (`base_model_tp_plan`, `base_model_fsdp_plan`):
+        rules for dense FFNs, shared experts, gated projections or the decoder name nothing in a model without them,
+        and transformers would warn about each of those rules at every distributed load.
+        """
+        super().init_parallel_plans()
+        names = {
+            replace_layer_number_by_wildcard(name)
+            for name, _ in itertools.chain(self.named_modules(), self.named_parameters())
+        }
+        for plan in ("_tp_plan", "_ep_plan", "_pp_plan", "_fsdp_plan"):
+            rules = getattr(self, plan, None) or {}
+            setattr(
+                self,
+                plan,
+                {key: style for key, style in rules.items() if not isinstance(key, str) or key in names},
+            )
 
     def _initialize_weights(self, module, is_custom_code: bool = False):
         # Registered classes count as "custom code", and transformers then skips modules without direct

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from collections.abc import Sequence
 
@@ -177,34 +176,35 @@ def add_sparsify_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_sparsify_command(args: argparse.Namespace) -> int:
-    """`ptmoe sparsify`: split → fit routers → distil → save (atomic); prints the active FFN share and agreement."""
+    """`ptmoe sparsify`: split → fit routers → distil → save (atomic); prints the active FFN share and agreement.
+
+    Bad input raises (`ValueError` / `OSError`); `ptmoe.cli.main` prints it as one error line with exit code 2.
+    """
+    from ..models.moe import check_local_checkpoint
     from ..upcycling import check_output_dir, save_upcycled
 
-    try:
-        check_output_dir(args.out, args.overwrite)  # before hours of work, not after
-        if args.top_k > args.experts:
-            raise ValueError(f"--top-k ({args.top_k}) cannot be larger than --experts ({args.experts})")
-        load_texts(args.calibration, what="--calibration")
-        model, report = sparsify(
-            args.base,
-            args.calibration,
-            num_experts=args.experts,
-            num_experts_per_tok=args.top_k,
-            num_shared_neurons=args.shared_neurons,
-            split=args.split,
-            moe_layers=args.moe_layers,
-            fit_steps=args.fit_steps,
-            distill_steps=args.distill_steps,
-            learning_rate=args.learning_rate,
-            task=args.task,
-            seed=args.seed,
-            progress=not args.no_progress,
-        )
-        # The tokenizer of `--base` (recorded as `upcycled_from`) is saved beside the weights.
-        out = save_upcycled(model, args.out, overwrite=args.overwrite)
-    except (FileExistsError, FileNotFoundError, ValueError) as error:
-        print(f"ptmoe sparsify: error: {error}", file=sys.stderr)
-        return 2
+    check_output_dir(args.out, args.overwrite)  # before hours of work, not after
+    check_local_checkpoint(args.base, "--base")
+    if args.top_k > args.experts:
+        raise ValueError(f"--top-k ({args.top_k}) cannot be larger than --experts ({args.experts})")
+    load_texts(args.calibration, what="--calibration")
+    model, report = sparsify(
+        args.base,
+        args.calibration,
+        num_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        num_shared_neurons=args.shared_neurons,
+        split=args.split,
+        moe_layers=args.moe_layers,
+        fit_steps=args.fit_steps,
+        distill_steps=args.distill_steps,
+        learning_rate=args.learning_rate,
+        task=args.task,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    # The tokenizer of `--base` (recorded as `upcycled_from`) is saved beside the weights.
+    out = save_upcycled(model, args.out, overwrite=args.overwrite)
     print(f"sparsified model saved to {out}")
     print(
         f"active FFN share: {report['active_ffn_share']:.3f} (top-{args.top_k} of {args.experts} experts"

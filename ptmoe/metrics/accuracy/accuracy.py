@@ -1,17 +1,17 @@
 """Accuracy, as a local `evaluate` metric module shipped with ptmoe (works offline).
 
-Written for ptmoe; the numbers match `sklearn.metrics.accuracy_score`.
+The number is `sklearn.metrics.accuracy_score`; this module only adapts the `evaluate` interface.
 """
 
 import datasets
 import evaluate
-import numpy as np
+from sklearn.metrics import accuracy_score
 
 _DESCRIPTION = """
 Accuracy is the proportion of predictions equal to their reference:
 Accuracy = (number of correct predictions) / (number of predictions).
 With the `multilabel` configuration a prediction counts as correct only when its whole label
-vector equals the reference vector (subset accuracy).
+vector equals the reference vector (subset accuracy). Computed by scikit-learn's `accuracy_score`.
 """
 
 _KWARGS_DESCRIPTION = """
@@ -67,25 +67,8 @@ class Accuracy(evaluate.Metric):
         )
 
     def _compute(self, predictions, references, normalize=True, sample_weight=None):
-        if len(predictions) != len(references):
-            raise ValueError(
-                f"predictions and references differ in length: {len(predictions)} != {len(references)}"
+        return {
+            "accuracy": float(
+                accuracy_score(references, predictions, normalize=normalize, sample_weight=sample_weight)
             )
-        if len(predictions) == 0:
-            raise ValueError("accuracy needs at least one prediction")
-        if self.config_name == "multilabel":
-            correct = np.array(
-                [list(p) == list(r) for p, r in zip(predictions, references, strict=True)], dtype=np.float64
-            )
-        else:
-            correct = (np.asarray(predictions) == np.asarray(references)).astype(np.float64)
-        if sample_weight is None:
-            weights = np.ones_like(correct)
-        else:
-            weights = np.asarray(sample_weight, dtype=np.float64)
-            if weights.shape != correct.shape:
-                raise ValueError("sample_weight must have one weight per example")
-        score = float(np.dot(correct, weights))
-        if normalize:
-            score /= float(weights.sum())
-        return {"accuracy": score}
+        }

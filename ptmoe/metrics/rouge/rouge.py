@@ -1,50 +1,45 @@
-"""ROUGE-1/2/L/Lsum F-measures, as a local `evaluate` metric module shipped with ptmoe (works offline).
+"""ROUGE-N/L/Lsum F-measures, as a local `evaluate` metric module shipped with ptmoe (works offline).
 
-Written for ptmoe in pure Python; it follows the definitions of Google's `rouge-score` package
-(used by the Hub metric "rouge"), with a tokeniser that keeps accented letters, so Portuguese words
-such as "não", "ação" or "é" are compared whole instead of being cut into ASCII fragments.
+The scores are Google's `rouge-score` package's (`RougeScorer.score_multi`). What ptmoe adds is the
+tokeniser, passed through rouge-score's `tokenizer` hook: rouge-score's default tokeniser drops every
+non-ASCII letter, so Portuguese "não" becomes "n" "o" and "avó"/"avô" both become "av". Ours keeps
+accented words whole.
 """
 
 import re
 import unicodedata
-from collections import Counter
 
 import datasets
 import evaluate
+from rouge_score import rouge_scorer, tokenizers
 
 _DESCRIPTION = """
 ROUGE compares a generated text with one or more references by counting overlapping units:
-- rouge1 / rouge2: overlap of word unigrams / bigrams;
-- rougeL: longest common subsequence (LCS) of the two texts, taken as single sequences;
-- rougeLsum: summary-level LCS; the texts are split into sentences at newlines ("\\n") and, for each
-  reference sentence, the union of its LCS with every predicted sentence is counted.
-Each score is the F-measure (harmonic mean of precision and recall), in [0, 1].
+- rouge1 / rouge2 / ...: overlap of word n-grams;
+- rougeL: longest common subsequence (LCS) of the two texts;
+- rougeLsum: summary-level LCS over sentences split at newlines ("\\n").
+Each score is the F-measure, in [0, 1], computed by `rouge-score`.
 
-Tokenisation (default): Unicode NFC normalisation, lower-casing, then every character that is not a
-letter or a digit (str.isalnum) is treated as a space; tokens are the resulting words. Accented
-letters are kept ("Ação não é fácil." -> ["ação", "não", "é", "fácil"]). On ASCII text this is
-exactly the tokeniser of `rouge-score` (lower-case, [^a-z0-9] -> space), so the scores are then
-identical. `rouge-score` itself drops every non-ASCII letter ("não" -> "n", "o"), which distorts
-Portuguese scores; pass `ascii_only=True` to reproduce that behaviour for comparison with numbers
-published with `rouge-score`.
+Tokenisation (default, ptmoe's): Unicode NFC normalisation, lower-casing, then every character that
+is not a letter or a digit (str.isalnum) is treated as a space. Accented letters are kept
+("Ação não é fácil." -> ["ação", "não", "é", "fácil"]). On ASCII text this equals rouge-score's own
+tokeniser. `ascii_only=True` uses rouge-score's tokeniser instead, to compare with numbers published
+with it.
 """
 
 _KWARGS_DESCRIPTION = """
 Args:
     predictions (`list` of `str`): generated texts.
     references (`list` of `str`, or `list` of `list` of `str`): one reference, or several references,
-        per prediction. With several, each ROUGE type keeps the reference with the best F-measure
-        (like `rouge-score`'s `score_multi`).
-    rouge_types (`list` of `str`, defaults to all): among "rouge1", "rouge2", ..., "rouge9", "rougeL",
-        "rougeLsum".
+        per prediction (each ROUGE type keeps the best-scoring reference, rouge-score's `score_multi`).
+    rouge_types (`list` of `str`, defaults to rouge1, rouge2, rougeL, rougeLsum): any type that
+        rouge-score accepts ("rouge1".."rouge9", "rougeL", "rougeLsum").
     use_aggregator (`bool`, defaults to `True`): return the mean F-measure over the examples; if
-        `False`, return the list of per-example F-measures.
+        `False`, the list of per-example F-measures.
     use_stemmer (`bool`, defaults to `False`): stem tokens longer than 3 characters with the Portuguese
-        Snowball stemmer (needs `nltk`). Note: `rouge-score` uses the English Porter stemmer instead.
-    tokenizer (callable, optional): a function str -> list of str that replaces the default tokeniser
-        (then `use_stemmer` and `ascii_only` are ignored).
-    ascii_only (`bool`, defaults to `False`): tokenise exactly as `rouge-score` does (non-ASCII letters
-        are dropped).
+        Snowball stemmer (needs `nltk`); with `ascii_only=True`, rouge-score's English Porter stemmer.
+    tokenizer (callable, optional): a function str -> list of str that replaces the default tokeniser.
+    ascii_only (`bool`, defaults to `False`): tokenise exactly as `rouge-score` does.
 Returns:
     A dict with one entry per ROUGE type: a `float` (aggregated) or a `list` of `float`.
 Examples:
@@ -68,15 +63,13 @@ _CITATION = """
 """
 
 _DEFAULT_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-_ROUGE_N = re.compile(r"^rouge([1-9])$")
-_NON_ASCII_ALNUM = re.compile(r"[^a-z0-9]+")
+_ROUGE_TYPE = re.compile(r"^rouge([1-9]|L|Lsum)$")
 
 
-class Tokenizer:
-    """Lower-cased words of letters and digits (Unicode-aware unless `ascii_only`)."""
+class Tokenizer(tokenizers.Tokenizer):
+    """Lower-cased words of letters and digits, accents kept (a rouge-score `Tokenizer`, also callable)."""
 
-    def __init__(self, use_stemmer=False, ascii_only=False):
-        self.ascii_only = ascii_only
+    def __init__(self, use_stemmer=False):
         self.stem = None
         if use_stemmer:
             try:
@@ -85,105 +78,24 @@ class Tokenizer:
                 raise ImportError("use_stemmer=True needs nltk: pip install nltk") from err
             self.stem = SnowballStemmer("portuguese").stem
 
-    def __call__(self, text):
-        if self.ascii_only:
-            words = _NON_ASCII_ALNUM.sub(" ", text.lower()).split()
-        else:
-            text = unicodedata.normalize("NFC", text).lower()
-            words = "".join(ch if ch.isalnum() else " " for ch in text).split()
+    def tokenize(self, text):
+        text = unicodedata.normalize("NFC", text).lower()
+        words = "".join(ch if ch.isalnum() else " " for ch in text).split()
         if self.stem is not None:
+            # Like rouge-score: short words are not stemmed.
             words = [self.stem(w) if len(w) > 3 else w for w in words]
         return words
 
-
-def _fmeasure(precision, recall):
-    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
-
-
-def _score(matches, n_pred, n_ref):
-    precision = matches / n_pred if n_pred else 0.0
-    recall = matches / n_ref if n_ref else 0.0
-    return _fmeasure(precision, recall)
+    def __call__(self, text):
+        return self.tokenize(text)
 
 
-def _ngrams(tokens, n):
-    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+class _CallableTokenizer(tokenizers.Tokenizer):
+    def __init__(self, function):
+        self.function = function
 
-
-def rouge_n(ref_tokens, pred_tokens, n):
-    ref, pred = _ngrams(ref_tokens, n), _ngrams(pred_tokens, n)
-    matches = sum((ref & pred).values())
-    return _score(matches, sum(pred.values()), sum(ref.values()))
-
-
-def _lcs_table(ref, pred):
-    table = [[0] * (len(pred) + 1) for _ in range(len(ref) + 1)]
-    for i in range(1, len(ref) + 1):
-        row, prev_row = table[i], table[i - 1]
-        for j in range(1, len(pred) + 1):
-            row[j] = prev_row[j - 1] + 1 if ref[i - 1] == pred[j - 1] else max(prev_row[j], row[j - 1])
-    return table
-
-
-def _lcs_positions(ref, pred):
-    """Indices in `ref` of one longest common subsequence (backtracking that prefers moving in `ref`)."""
-    table = _lcs_table(ref, pred)
-    i, j, positions = len(ref), len(pred), []
-    while i > 0 and j > 0:
-        if ref[i - 1] == pred[j - 1]:
-            positions.append(i - 1)
-            i, j = i - 1, j - 1
-        elif table[i][j - 1] > table[i - 1][j]:
-            j -= 1
-        else:
-            i -= 1
-    return positions[::-1]
-
-
-def rouge_l(ref_tokens, pred_tokens):
-    if not ref_tokens or not pred_tokens:
-        return 0.0
-    lcs = _lcs_table(ref_tokens, pred_tokens)[-1][-1]
-    return _score(lcs, len(pred_tokens), len(ref_tokens))
-
-
-def rouge_lsum(ref_sentences, pred_sentences):
-    """Summary-level LCS over sentences (lists of tokens), each token matched at most as often as it occurs."""
-    n_ref = sum(map(len, ref_sentences))
-    n_pred = sum(map(len, pred_sentences))
-    if not n_ref or not n_pred:
-        return 0.0
-    ref_left = Counter(t for s in ref_sentences for t in s)
-    pred_left = Counter(t for s in pred_sentences for t in s)
-    hits = 0
-    for ref in ref_sentences:
-        union = sorted(set().union(*(_lcs_positions(ref, pred) for pred in pred_sentences)))
-        for token in (ref[k] for k in union):
-            if ref_left[token] > 0 and pred_left[token] > 0:
-                hits += 1
-                ref_left[token] -= 1
-                pred_left[token] -= 1
-    return _score(hits, n_pred, n_ref)
-
-
-def _sentences(text):
-    return [line for line in text.split("\n") if line]
-
-
-def score_pair(reference, prediction, rouge_types, tokenize):
-    """F-measure of each ROUGE type for one (reference, prediction) pair."""
-    ref_tokens, pred_tokens = tokenize(reference), tokenize(prediction)
-    out = {}
-    for rouge_type in rouge_types:
-        if rouge_type == "rougeL":
-            out[rouge_type] = rouge_l(ref_tokens, pred_tokens)
-        elif rouge_type == "rougeLsum":
-            out[rouge_type] = rouge_lsum(
-                [tokenize(s) for s in _sentences(reference)], [tokenize(s) for s in _sentences(prediction)]
-            )
-        else:
-            out[rouge_type] = rouge_n(ref_tokens, pred_tokens, int(_ROUGE_N.match(rouge_type).group(1)))
-    return out
+    def tokenize(self, text):
+        return list(self.function(text))
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
@@ -221,29 +133,27 @@ class Rouge(evaluate.Metric):
         ascii_only=False,
     ):
         rouge_types = list(_DEFAULT_TYPES if rouge_types is None else rouge_types)
-        for rouge_type in rouge_types:
-            if rouge_type not in ("rougeL", "rougeLsum") and not _ROUGE_N.match(rouge_type):
-                raise ValueError(
-                    f"unknown ROUGE type {rouge_type!r}: use rouge1..rouge9, rougeL or rougeLsum"
-                )
-        if len(predictions) != len(references):
-            raise ValueError(
-                f"predictions and references differ in length: {len(predictions)} != {len(references)}"
-            )
-        tokenize = tokenizer if tokenizer is not None else Tokenizer(use_stemmer, ascii_only)
-
+        bad = [t for t in rouge_types if not _ROUGE_TYPE.match(t)]
+        if bad:  # rouge-score itself fails later, with a bare "Invalid rouge type"
+            raise ValueError(f"unknown ROUGE type {bad[0]!r}: use rouge1..rouge9, rougeL or rougeLsum")
+        if tokenizer is not None:
+            hook = _CallableTokenizer(tokenizer)
+        elif ascii_only:
+            hook = None  # rouge-score's DefaultTokenizer
+        else:
+            hook = Tokenizer(use_stemmer)
+        scorer = rouge_scorer.RougeScorer(rouge_types, use_stemmer=use_stemmer, tokenizer=hook)
         per_example = {rouge_type: [] for rouge_type in rouge_types}
         for prediction, refs in zip(predictions, references, strict=True):
-            if isinstance(refs, str):
-                refs = [refs]
+            refs = [refs] if isinstance(refs, str) else list(refs)
             if not refs:
                 raise ValueError("every prediction needs at least one reference")
-            scores = [score_pair(ref, prediction, rouge_types, tokenize) for ref in refs]
+            scores = scorer.score_multi(refs, prediction)
             for rouge_type in rouge_types:
-                per_example[rouge_type].append(max(s[rouge_type] for s in scores))
-
+                per_example[rouge_type].append(float(scores[rouge_type].fmeasure))
         if not use_aggregator:
             return per_example
+        # The plain mean (the Hub metric's bootstrap aggregator reports a resampled estimate of it).
         return {
             rouge_type: (sum(values) / len(values) if values else 0.0)
             for rouge_type, values in per_example.items()

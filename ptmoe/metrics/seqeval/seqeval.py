@@ -1,13 +1,15 @@
 """Entity-level sequence labelling scores, as a local `evaluate` metric module shipped with ptmoe.
 
-Written for ptmoe in pure Python (works offline, no `seqeval` package needed). The numbers and the
-output layout match the Hub metric "seqeval" (which wraps the `seqeval` library):
-- default mode: CoNLL-2000 `conlleval` chunking, like `seqeval` without `mode`;
-- `mode="strict"`: strict IOB2, like `seqeval` with `mode="strict", scheme=IOB2`.
+The numbers are the `seqeval` library's (`classification_report` and `accuracy_score`), laid out as the
+Hub metric "seqeval" lays them out; this module only adapts the `evaluate` interface and accepts the
+scheme by name (`scheme="IOB2"`) so that it can be given on a command line or in a JSON file.
 """
+
+import importlib
 
 import datasets
 import evaluate
+from seqeval.metrics import accuracy_score, classification_report
 
 _DESCRIPTION = """
 Precision, recall and F1 of the entities (chunks) found in BIO-tagged sequences, overall (micro
@@ -29,10 +31,11 @@ Args:
     predictions (`list` of `list` of `str`): predicted tags, one list per sentence.
     references (`list` of `list` of `str`): reference tags, same lengths as `predictions`.
     mode (`None` or `"strict"`, defaults to `None`): tag reading, see the description.
-    scheme (`None` or `"IOB2"`): the tagging scheme of strict mode (only IOB2 is supported;
-        `None` means IOB2).
-    zero_division (`0` or `1`, defaults to 0): the precision (recall) when there is no predicted
-        (reference) entity. `"warn"` behaves as 0.
+    scheme (`None`, a `seqeval.scheme` class or its name such as `"IOB2"`, `"IOE2"`, `"IOBES"`,
+        `"BILOU"`): the tagging scheme of strict mode (`None` means IOB2).
+    suffix (`bool`, defaults to `False`): tags are written `PER-B` instead of `B-PER`.
+    zero_division (`0`, `1` or `"warn"`, defaults to `"warn"`): the precision (recall) when there
+        is no predicted (reference) entity, as in seqeval.
 Returns:
     For each entity type X found in the references or predictions, `X`: a dict with `precision`,
     `recall`, `f1` and `number` (count of reference entities of type X); and
@@ -66,70 +69,20 @@ _CITATION = """
 """
 
 
-def _split_tag(tag):
-    """'B-PER' -> ('B', 'PER'); 'O' -> ('O', '_'); a bare prefix gets the type '_'."""
-    prefix = tag[:1]
-    entity_type = tag[1:].split("-", 1)[-1] or "_"
-    return prefix, entity_type
-
-
-def _chunk_ends(prev_prefix, prefix, prev_type, entity_type):
-    """Does the chunk that contains the previous token end before the current one? (conlleval)"""
-    if prev_prefix in ("E", "S"):
-        return True
-    if prev_prefix in ("B", "I") and prefix in ("B", "S", "O"):
-        return True
-    return prev_prefix not in ("O", ".") and prev_type != entity_type
-
-
-def _chunk_starts(prev_prefix, prefix, prev_type, entity_type):
-    """Does a chunk start at the current token? (conlleval)"""
-    if prefix in ("B", "S"):
-        return True
-    if prev_prefix in ("E", "S", "O") and prefix in ("E", "I"):
-        return True
-    return prefix not in ("O", ".") and prev_type != entity_type
-
-
-def conlleval_entities(tags):
-    """Entities of one tag sequence as (type, first, last) token indices, conlleval style."""
-    entities = []
-    prev_prefix, prev_type, start = "O", "", 0
-    for i, tag in enumerate(list(tags) + ["O"]):
-        prefix, entity_type = _split_tag(tag)
-        if _chunk_ends(prev_prefix, prefix, prev_type, entity_type):
-            entities.append((prev_type, start, i - 1))
-        if _chunk_starts(prev_prefix, prefix, prev_type, entity_type):
-            start = i
-        prev_prefix, prev_type = prefix, entity_type
-    return entities
-
-
-def strict_iob2_entities(tags):
-    """Entities of one tag sequence as (type, first, last): `B-X` followed by the maximal run of `I-X`."""
-    entities = []
-    i = 0
-    while i < len(tags):
-        prefix, entity_type = _split_tag(tags[i])
-        if prefix not in ("B", "I", "O"):
-            raise ValueError(f"strict IOB2 mode accepts only B-, I- and O tags, got {tags[i]!r}")
-        if prefix == "B":
-            end = i + 1
-            while end < len(tags) and tags[end][:1] == "I" and _split_tag(tags[end])[1] == entity_type:
-                end += 1
-            entities.append((entity_type, i, end - 1))
-            i = end
-        else:
-            i += 1
-    return entities
-
-
-def _ratio(numerator, denominator, zero_division):
-    return numerator / denominator if denominator else float(zero_division)
-
-
-def _f1(precision, recall):
-    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+def _scheme(scheme, mode):
+    """`None` / a name such as "IOB2" / a seqeval scheme class -> the class seqeval expects (strict mode only)."""
+    if mode != "strict":
+        return None
+    if scheme is None:
+        scheme = "IOB2"
+    if isinstance(scheme, str):
+        schemes = importlib.import_module("seqeval.scheme")
+        if not hasattr(schemes, scheme) or scheme.startswith("_"):
+            raise ValueError(
+                f"unknown scheme {scheme!r}: use one of IOB1, IOB2, IOE1, IOE2, IOBES, BILOU (seqeval.scheme)"
+            )
+        return getattr(schemes, scheme)
+    return scheme
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
@@ -151,52 +104,37 @@ class Seqeval(evaluate.Metric):
             ],
         )
 
-    def _compute(self, predictions, references, mode=None, scheme=None, zero_division=0):
+    def _compute(self, predictions, references, mode=None, scheme=None, suffix=False, zero_division="warn"):
         if mode not in (None, "default", "strict"):
             raise ValueError(f'mode must be None or "strict", got {mode!r}')
-        if scheme not in (None, "IOB2") and not getattr(scheme, "__name__", None) == "IOB2":
-            raise ValueError(f"only the IOB2 scheme is supported, got {scheme!r}")
-        if zero_division == "warn":
-            zero_division = 0
-        if zero_division not in (0, 1):
-            raise ValueError(f'zero_division must be 0, 1 or "warn", got {zero_division!r}')
-        if len(predictions) != len(references):
-            raise ValueError(
-                f"predictions and references differ in length: {len(predictions)} != {len(references)}"
-            )
-        extract = strict_iob2_entities if mode == "strict" else conlleval_entities
-
-        true_entities, pred_entities = set(), set()
-        n_tokens = n_correct_tokens = 0
         for sentence_id, (pred, ref) in enumerate(zip(predictions, references, strict=True)):
-            if len(pred) != len(ref):
+            if len(pred) != len(ref):  # seqeval only says "inconsistent numbers of samples"
                 raise ValueError(
                     f"sentence {sentence_id}: {len(pred)} predicted tags for {len(ref)} reference tags"
                 )
-            true_entities.update((sentence_id, *entity) for entity in extract(ref))
-            pred_entities.update((sentence_id, *entity) for entity in extract(pred))
-            n_tokens += len(ref)
-            n_correct_tokens += sum(p == r for p, r in zip(pred, ref, strict=True))
-
-        scores = {}
-        entity_types = sorted({entity[1] for entity in true_entities | pred_entities})
-        for entity_type in entity_types:
-            true_of_type = {e for e in true_entities if e[1] == entity_type}
-            pred_of_type = {e for e in pred_entities if e[1] == entity_type}
-            hits = len(true_of_type & pred_of_type)
-            precision = _ratio(hits, len(pred_of_type), zero_division)
-            recall = _ratio(hits, len(true_of_type), zero_division)
-            scores[entity_type] = {
-                "precision": precision,
-                "recall": recall,
-                "f1": _f1(precision, recall),
-                "number": len(true_of_type),
+        report = classification_report(
+            y_true=references,
+            y_pred=predictions,
+            suffix=suffix,
+            output_dict=True,
+            mode="strict" if mode == "strict" else None,
+            scheme=_scheme(scheme, mode),
+            zero_division=zero_division,
+        )
+        report.pop("macro avg")
+        report.pop("weighted avg")
+        overall = report.pop("micro avg")
+        scores = {
+            entity_type: {
+                "precision": float(score["precision"]),
+                "recall": float(score["recall"]),
+                "f1": float(score["f1-score"]),
+                "number": int(score["support"]),
             }
-        hits = len(true_entities & pred_entities)
-        precision = _ratio(hits, len(pred_entities), zero_division)
-        recall = _ratio(hits, len(true_entities), zero_division)
-        scores["overall_precision"] = precision
-        scores["overall_recall"] = recall
-        scores["overall_f1"] = _f1(precision, recall)
-        scores["overall_accuracy"] = n_correct_tokens / n_tokens if n_tokens else 0.0
+            for entity_type, score in report.items()
+        }
+        scores["overall_precision"] = float(overall["precision"])
+        scores["overall_recall"] = float(overall["recall"])
+        scores["overall_f1"] = float(overall["f1-score"])
+        scores["overall_accuracy"] = float(accuracy_score(y_true=references, y_pred=predictions))
         return scores

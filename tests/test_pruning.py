@@ -341,3 +341,63 @@ def test_quantized_or_peft_model_is_refused():
     peft_model = get_peft_model(model, ptmoe.expert_lora_config(model, r=2))
     with pytest.raises(ValueError, match="prune before 4-bit"):
         prune_wanda(peft_model, calibration())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# `ptmoe prune`
+# --------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from test_training import make_bert_tokenizer
+
+    tokenizer = make_bert_tokenizer()
+    path = tmp_path_factory.mktemp("cli") / "moe"
+    tiny(vocab_size=len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_cli_prune_writes_a_pruned_folder(model_dir, tmp_path, capsys):
+    from pathlib import Path
+
+    from ptmoe.cli import main
+
+    corpus = Path(ptmoe.__file__).parent / "data" / "corpus.txt"
+    out = tmp_path / "pruned"
+    args = [
+        str(model_dir),
+        str(out),
+        "--calibration",
+        str(corpus),
+        "--max-samples",
+        "16",
+        "--structure",
+        "2:4",
+    ]
+    assert main(["prune", *args]) == 0
+    assert "50.0% of" in capsys.readouterr().out
+    model = ptmoe.MoeBertForMaskedLM.from_pretrained(out)
+    assert model.config.pruning["structure"] == "2:4" and (out / "tokenizer.json").exists()
+    assert main(["prune", *args]) == 2  # refuses the non-empty output
+    assert "not empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--sparsity", "1.2"], "must be a number in [0, 1)"),
+        (["--structure", "3:4:5"], "'unstructured' or 'N:M'"),
+        (["--calibration", "missing.txt"], "does not exist"),
+        (["--max-samples", "1", "--min-tokens", "500"], "too short"),
+    ],
+)
+def test_cli_prune_bad_input(model_dir, tmp_path, capsys, extra, message):
+    from pathlib import Path
+
+    from ptmoe.cli import main
+
+    corpus = Path(ptmoe.__file__).parent / "data" / "corpus.txt"
+    args = ["prune", str(model_dir), str(tmp_path / "out"), "--calibration", str(corpus), *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "ptmoe prune: error:" in err and message in err and not (tmp_path / "out").exists()

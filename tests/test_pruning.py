@@ -401,3 +401,32 @@ def test_cli_prune_bad_input(model_dir, tmp_path, capsys, extra, message):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "ptmoe prune: error:" in err and message in err and not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# scripts/bench_prune.py
+# --------------------------------------------------------------------------------------------------------------
+def test_bench_prune_quick(tmp_path, capsys):
+    import json
+
+    from test_scripts import load_script
+
+    load_script("bench_prune").main(["--quick", "--threads", "1", "--output", str(tmp_path / "r.json")])
+    printed = capsys.readouterr().out
+    assert "wanda 2:4" in printed and "magnitude 50%" in printed and "semi-structured" in printed
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["variants"]["wanda 50%"][0]["overall_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert set(results["speed"]) == {"model", "linear", "semi_structured_2_4"}
+
+
+def test_bench_masks_at_least_one_real_token_per_line():
+    from test_scripts import load_script
+    from test_training import make_bert_tokenizer
+
+    bench = load_script("bench_prune")
+    tokenizer = make_bert_tokenizer()
+    (batch,) = bench.masked_batches(tokenizer, ["Bom dia.", "A casa amarela fica perto do rio."], seed=0)
+    masked = batch["labels"] != -100
+    assert masked.sum(1).min() >= 1
+    assert (batch["input_ids"][masked] == tokenizer.mask_token_id).all()
+    assert not masked[batch["attention_mask"] == 0].any()

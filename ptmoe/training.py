@@ -1113,18 +1113,51 @@ def _first(predictions: Any) -> Any:
     return predictions[0] if isinstance(predictions, (tuple, list)) else predictions
 
 
-def logits_to_predictions(task_type: str = "classification") -> Callable:
+def logits_to_predictions(task_type: str = "classification", with_scores: bool = False) -> Callable:
     """A `preprocess_logits_for_metrics` keeping only class ids (or regression scores) during evaluation.
 
     MoE outputs carry router losses beside the logits; keeping only the predictions also spares the Trainer from
-    gathering full logits across processes.
+    gathering full logits across processes. With `with_scores` (binary screening metrics such as AWSS), each
+    example keeps `(class id, softmax probability of class 1)` as a `(batch, 2)` float tensor.
     """
 
     def preprocess(logits: Any, labels: torch.Tensor) -> torch.Tensor:
         logits = _first(logits)
-        return logits.squeeze(-1) if task_type == "regression" else logits.argmax(dim=-1)
+        if task_type == "regression":
+            return logits.squeeze(-1)
+        if with_scores:
+            return torch.stack(
+                [logits.argmax(dim=-1).float(), logits.float().softmax(dim=-1)[..., 1]], dim=-1
+            )
+        return logits.argmax(dim=-1)
 
     return preprocess
+
+
+SCREENING_METRICS = ("awss", "wss")
+
+
+def parse_screening_metrics(specs: Sequence[str] | None) -> list[tuple[str, float]]:
+    """`["awss@0.95", "wss@0.9"]` → `[("awss", 0.95), ("wss", 0.9)]` (the `--metric` values of binary tasks).
+
+    Raises:
+        ValueError: an unknown metric name, a missing `@recall`, or a recall level outside (0, 1].
+    """
+    parsed = []
+    for spec in specs or []:
+        name, _, level = str(spec).partition("@")
+        if name not in SCREENING_METRICS or not level:
+            raise ValueError(
+                f"--metric {spec!r}: use NAME@RECALL with NAME in {SCREENING_METRICS}, e.g. awss@0.95"
+            )
+        try:
+            recall = float(level)
+        except ValueError:
+            raise ValueError(f"--metric {spec!r}: the recall level {level!r} is not a number") from None
+        if not 0 < recall <= 1:
+            raise ValueError(f"--metric {spec!r}: the recall level must be in (0, 1], e.g. awss@0.95")
+        parsed.append((name, recall))
+    return parsed
 
 
 def _scalars(results: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -1136,13 +1169,23 @@ def _scalars(results: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
-def classification_metrics(label_mapping: LabelMapping) -> Callable:
+def classification_metrics(
+    label_mapping: LabelMapping, screening: Sequence[tuple[str, float]] = ()
+) -> Callable:
     """`compute_metrics` for sentence tasks, with the offline metric modules.
 
     Classification: `accuracy` and `f1` (binary for two classes, macro average otherwise). Regression:
-    `pearson` and `spearman` (module `pearson_spearman`) and the mean squared error `mse`.
+    `pearson` and `spearman` (module `pearson_spearman`) and the mean squared error `mse`. `screening` (from
+    `parse_screening_metrics`, binary tasks only) adds e.g. `awss@0.95` computed on the probability of label id 1
+    (needs `logits_to_predictions(with_scores=True)`).
     """
     from .metrics import load_metric
+
+    if screening and (label_mapping.is_regression or label_mapping.num_labels != 2):
+        raise ValueError(
+            f"--metric {', '.join(f'{n}@{r:g}' for n, r in screening)} needs a binary classification task (label id 1 "
+            f"= relevant); this task has {'a regression target' if label_mapping.is_regression else str(label_mapping.num_labels) + ' labels'}"
+        )
 
     if label_mapping.is_regression:
         correlation = load_metric("pearson_spearman")
@@ -1159,11 +1202,20 @@ def classification_metrics(label_mapping: LabelMapping) -> Callable:
     accuracy, f1 = load_metric("accuracy"), load_metric("f1")
     average = "binary" if label_mapping.num_labels == 2 else "macro"
 
+    screening_modules = {name: load_metric(name) for name in {name for name, _ in screening}}
+
     def compute(eval_prediction) -> dict[str, float]:
-        predictions = np.asarray(_first(eval_prediction.predictions)).reshape(-1)
+        predictions = np.asarray(_first(eval_prediction.predictions))
+        scores = None
+        if screening:  # (N, 2): class id, probability of label id 1
+            predictions, scores = predictions[..., 0].astype(np.int64), predictions[..., 1].reshape(-1)
+        predictions = predictions.reshape(-1)
         references = np.asarray(eval_prediction.label_ids).reshape(-1)
         results = _scalars(accuracy.compute(predictions=predictions, references=references))
         results.update(_scalars(f1.compute(predictions=predictions, references=references, average=average)))
+        for name, recall in screening:
+            value = screening_modules[name].compute(predictions=scores, references=references, recall=recall)
+            results[f"{name}@{recall:g}"] = float(value[name])
         return results
 
     return compute
@@ -1560,6 +1612,7 @@ __all__ = [
     "ner_metrics",
     "parse_arguments",
     "parse_expert_list",
+    "parse_screening_metrics",
     "random_spans_noise_mask",
     "read_label_names",
     "resolve_do_train_eval",

@@ -154,3 +154,57 @@ def test_one_class_references(awss):
 def test_nan_scores(wss):
     with pytest.raises(ValueError, match="NaN"):
         wss.compute(predictions=[0.1, float("nan")], references=[0, 1])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The classification script: --metric awss@0.95
+# --------------------------------------------------------------------------------------------------------------
+def test_parse_screening_metrics():
+    from ptmoe.training import parse_screening_metrics
+
+    assert parse_screening_metrics(["awss@0.95", "wss@1"]) == [("awss", 0.95), ("wss", 1.0)]
+    for bad, message in [
+        ("awss@1.5", r"in \(0, 1\]"),
+        ("awss@0", r"in \(0, 1\]"),
+        ("awss", "NAME@RECALL"),
+        ("auc@0.9", "NAME@RECALL"),
+        ("awss@x", "not a number"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_screening_metrics([bad])
+
+
+def test_finetune_classification_reports_awss(tmp_path):
+    import json
+
+    from test_scripts import DATA, FAST, load_script
+    from test_training import make_bert_tokenizer
+
+    import ptmoe
+    from conftest import TINY_BERT
+
+    tokenizer = make_bert_tokenizer()
+    model_dir = tmp_path / "moe"
+    ptmoe.MoeBertForMaskedLM(
+        ptmoe.MoeBertConfig(**{**TINY_BERT, "vocab_size": len(tokenizer)})
+    ).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    script = load_script("finetune_classification")
+    common = [
+        "--model_name_or_path", str(model_dir), "--train_file", str(DATA / "sentiment_train.jsonl"),
+        "--validation_file", str(DATA / "sentiment_test.jsonl"), *FAST,
+    ]  # fmt: skip
+    out = tmp_path / "out"
+    metrics = script.main([*common, "--output_dir", str(out), "--metric", "awss@0.95", "wss@0.9"])
+    saved = json.loads((out / "all_results.json").read_text())
+    assert -1 <= saved["eval_awss@0.95"] <= 1 and "eval_wss@0.9" in saved and "eval_accuracy" in saved
+    assert metrics["eval_awss@0.95"] == saved["eval_awss@0.95"]
+    with pytest.raises(ValueError, match=r"recall level must be in \(0, 1\]"):
+        script.main([*common, "--output_dir", str(tmp_path / "bad"), "--metric", "awss@95"])
+    regression = [
+        "--model_name_or_path", str(model_dir), "--train_file", str(DATA / "entailment_train.jsonl"),
+        "--validation_file", str(DATA / "entailment_test.jsonl"), "--text_column", "premise",
+        "--label_column", "similarity", "--task_type", "regression", *FAST,
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="needs a binary classification task"):
+        script.main([*regression, "--output_dir", str(tmp_path / "reg"), "--metric", "awss@0.95"])

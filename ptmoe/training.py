@@ -98,6 +98,17 @@ class ModelArguments:
     router_telemetry: bool = field(
         default=True, metadata={"help": "Log router statistics per MoE layer and plot expert load."}
     )
+    energy_country_iso_code: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --report_to codecarbon: ISO 3166-1 alpha-3 code of the country whose grid powers this "
+            "machine (e.g. BRA); energy and CO2e are computed offline from it (ptmoe.energy)."
+        },
+    )
+    energy_region: str | None = field(
+        default=None,
+        metadata={"help": "With --report_to codecarbon: a region codecarbon knows (e.g. a US state)."},
+    )
 
     def __post_init__(self):
         if self.tuning not in TUNING_CHOICES:
@@ -310,6 +321,10 @@ def start_run(
     from transformers import set_seed
 
     model_args, data_args, training_args = parse_arguments(argument_types, args, defaults=defaults)
+    if "codecarbon" in (training_args.report_to or []):  # offline energy accounting: fail before any work
+        from .energy import check_codecarbon
+
+        check_codecarbon(model_args.energy_country_iso_code, model_args.energy_region)
     setup_logging(training_args)
     set_seed(training_args.seed)
     do_train, do_eval = resolve_do_train_eval(training_args)
@@ -1501,6 +1516,9 @@ def train_evaluate_save(
 ) -> dict:
     """Train, save the final model once, evaluate, and write `all_results.json` (main process only).
 
+    With `codecarbon` in `--report_to`, training energy is tracked offline (`ptmoe.energy`): `train_energy_kwh`,
+    `train_emissions_kg_co2e` and `train_energy_duration_s` join the metrics and `energy.json` the output folder.
+
     The model (or, with LoRA, the adapter) and the tokenizer are written to `args.output_dir` by
     `Trainer.save_model`, which writes on the main process only; with `--merge_lora` the merged model also goes to
     `<output_dir>/merged`. Router telemetry is attached when `--router_telemetry` is on and the model has MoE
@@ -1515,15 +1533,26 @@ def train_evaluate_save(
     Returns:
         `dict` of train and eval metrics.
     """
+    from .energy import use_offline_codecarbon, write_energy_report
     from .telemetry import add_router_telemetry, find_moe_blocks
 
     if model_args.router_telemetry and do_train and find_moe_blocks(trainer.model):
         add_router_telemetry(trainer)
+    energy = use_offline_codecarbon(
+        trainer,
+        getattr(model_args, "energy_country_iso_code", None),
+        getattr(model_args, "energy_region", None),
+    )
     metrics: dict[str, Any] = {}
     if do_train:
         result = trainer.train()
         train_metrics = dict(result.metrics)
         train_metrics["train_samples"] = len(trainer.train_dataset)
+        if energy is not None and energy.report is not None:  # kWh, kg CO2e, seconds (main process)
+            train_metrics.update(energy.report.metrics("train"))
+            if trainer.is_world_process_zero():
+                Path(trainer.args.output_dir).mkdir(parents=True, exist_ok=True)
+                write_energy_report(energy.report, Path(trainer.args.output_dir) / "energy.json")
         trainer.save_model()  # the final model (or adapter) + tokenizer, on the main process only
         trainer.log_metrics("train", train_metrics)
         trainer.save_metrics("train", train_metrics)

@@ -3,11 +3,14 @@
     python scripts/bench_prune.py              # small MoE-BERT trained here on the shipped corpus (a few minutes)
     python scripts/bench_prune.py --quick      # tiny sizes, 1 epoch, to check the script works
     python scripts/bench_prune.py --model_name_or_path outputs/demo/moe-mlm   # any MoE/dense MLM folder + tokenizer
+    ... --report_to codecarbon --energy_country_iso_code BRA                  # + energy/CO2e of the run (offline)
 
 Quality is the dense model's own objective on held-out text: masked-LM loss and top-1 accuracy on the last 20 % of
 `ptmoe/data/corpus.txt` (never seen in training or calibration), 15 % of the real tokens of each line masked with a
 seeded generator. For each seed, the calibration set is a different random sample of training lines and the masks
-are drawn anew: the spread over seeds is the calibration-and-masking noise. Variants (each pruned from a fresh copy
+are drawn anew: the spread over seeds is the calibration-and-masking noise. Fidelity to the dense model at the same
+masked positions: mean KL(dense ‖ pruned) and top-1 agreement (sensitive even when a small model's accuracy is
+little above guessing frequent tokens). Variants (each pruned from a fresh copy
 of the same model): Wanda unstructured at several sparsities, Wanda with `expert_sparsity="by_load"`, Wanda 2:4,
 and magnitude pruning (|W| only, per row) at 50 % as the baseline Wanda improves on.
 
@@ -136,17 +139,32 @@ def masked_batches(
 
 
 @torch.no_grad()
-def mlm_quality(model: nn.Module, batches) -> tuple[float, float]:
-    """(mean cross-entropy, top-1 accuracy) over the masked positions."""
-    loss_sum, correct, count = 0.0, 0, 0
-    for batch in batches:
+def mlm_quality(model: nn.Module, batches, reference: list[torch.Tensor] | None = None) -> dict[str, float]:
+    """Over the masked positions: mean cross-entropy, top-1 accuracy, and against `reference` (the dense model's
+    log-probabilities at the same positions, one tensor per batch) the mean KL(dense ‖ model) and top-1 agreement.
+
+    The fidelity numbers matter for small models trained briefly: their accuracy is close to guessing frequent
+    tokens, while KL shows how far pruning moved the whole output distribution.
+    """
+    loss_sum, correct, count, kl_sum, agree = 0.0, 0, 0, 0.0, 0
+    log_probs_per_batch = []
+    for index, batch in enumerate(batches):
         labels = batch["labels"]
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # (B, S, V)
         chosen = labels != -100
-        loss_sum += F.cross_entropy(logits[chosen].float(), labels[chosen], reduction="sum").item()
-        correct += int((logits[chosen].argmax(-1) == labels[chosen]).sum())
+        log_probs = logits[chosen].float().log_softmax(-1)  # (masked, V)
+        log_probs_per_batch.append(log_probs)
+        loss_sum += F.nll_loss(log_probs, labels[chosen], reduction="sum").item()
+        correct += int((log_probs.argmax(-1) == labels[chosen]).sum())
         count += int(chosen.sum())
-    return loss_sum / count, correct / count
+        if reference is not None:
+            dense = reference[index]
+            kl_sum += F.kl_div(log_probs, dense, log_target=True, reduction="sum").item()
+            agree += int((log_probs.argmax(-1) == dense.argmax(-1)).sum())
+    out = {"loss": loss_sum / count, "accuracy": correct / count, "log_probs": log_probs_per_batch}
+    if reference is not None:
+        out.update(kl_to_dense=kl_sum / count, top1_agreement=agree / count)
+    return out
 
 
 def magnitude_prune(model: nn.Module, sparsity: float) -> None:
@@ -242,11 +260,28 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--runs", type=int, default=15, help="timed rounds")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", help="also write the results as JSON here")
+    parser.add_argument(
+        "--save_model", help="keep the model trained here in this folder (reuse: --model_name_or_path)"
+    )
+    parser.add_argument(
+        "--report_to", choices=["none", "codecarbon"], default="none", help="codecarbon: energy/CO2e"
+    )
+    parser.add_argument("--energy_country_iso_code", help="with --report_to codecarbon: e.g. BRA (offline)")
+    parser.add_argument("--energy_region", help="with --report_to codecarbon: a region codecarbon knows")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.runs, args.calibration_lines = 1, 3, 16
     if args.seeds < 1 or args.runs < 1 or args.calibration_lines < 1:
         parser.error("--seeds, --runs and --calibration_lines must be >= 1")
+    tracker = None
+    if args.report_to == "codecarbon":  # checked before any work; the whole benchmark run is tracked
+        from ptmoe.energy import EnergyTracker
+
+        try:
+            tracker = EnergyTracker(args.energy_country_iso_code, args.energy_region)
+        except (ValueError, ImportError) as error:
+            parser.error(str(error))
+        tracker.start()
     torch.set_num_threads(args.threads)
     train_lines, heldout = corpus_split()
     if args.quick:
@@ -265,10 +300,17 @@ def main(argv: list[str] | None = None) -> dict:
             sizes = QUICK if args.quick else FULL
             print(f"training a MoE-BERT MLM on {len(train_lines)} corpus lines: {sizes}", flush=True)
             model, tokenizer = train_model(sizes, train_lines, Path(workdir))
+            if args.save_model:
+                from ptmoe.compress import save_pruned  # the same atomic writer; nothing is pruned yet
+
+                save_pruned(model, args.save_model, tokenizer=tokenizer)
             source = f"trained here: {sizes}, upcycled (noise) to 4 experts top-2 in every layer"
 
     results: dict = {"model": source, "heldout_lines": len(heldout), "seeds": args.seeds, "variants": {}}
     dense_footprint = model.get_memory_footprint()
+    dense_log_probs: dict[
+        int, list[torch.Tensor]
+    ] = {}  # seed → the dense model's log-probs ("dense" runs first)
     for name, kwargs in variants():
         per_seed = []
         for seed in range(args.seeds):
@@ -282,12 +324,18 @@ def main(argv: list[str] | None = None) -> dict:
                 report = prune_wanda(
                     candidate, calibration, tokenizer=tokenizer, show_progress=False, min_tokens=1, **kwargs
                 )
-            loss, accuracy = mlm_quality(candidate, masked_batches(tokenizer, heldout, seed))
+            quality = mlm_quality(
+                candidate, masked_batches(tokenizer, heldout, seed), dense_log_probs.get(seed)
+            )
+            if kwargs is None:
+                dense_log_probs[seed] = quality["log_probs"]
             dense_bytes, sparse_bytes = csr_bytes(candidate)
             per_seed.append(
                 {
-                    "loss": loss,
-                    "accuracy": accuracy,
+                    "loss": quality["loss"],
+                    "accuracy": quality["accuracy"],
+                    "kl_to_dense": quality.get("kl_to_dense", 0.0),
+                    "top1_agreement": quality.get("top1_agreement", 1.0),
                     "overall_sparsity": report.overall_sparsity if report else None,
                     "unpruned_experts": len(report.unpruned_experts) if report else 0,
                     "linear_bytes": dense_bytes,
@@ -301,25 +349,34 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"\nWanda pruning, MLM on {len(heldout)} held-out corpus lines, {args.seeds} seed(s) (calibration sample + masks)"
     )
-    print(f"{'variant':<20} {'MLM loss':>16} {'accuracy':>16} {'acc kept':>9} {'linears CSR/dense':>18}")
+    print(
+        f"{'variant':<20} {'MLM loss':>16} {'accuracy':>16} {'acc kept':>9} {'KL to dense':>18} "
+        f"{'top-1 = dense':>14} {'CSR/dense':>10}"
+    )
     for name, per_seed in results["variants"].items():
         losses = [s["loss"] for s in per_seed]
         accuracies = [s["accuracy"] for s in per_seed]
         kept = [s["accuracy"] / d["accuracy"] for s, d in zip(per_seed, dense_quality, strict=True)]
         csr = per_seed[0]["linear_csr_bytes"] / per_seed[0]["linear_bytes"]
+        kls = [s["kl_to_dense"] for s in per_seed]
+        agreements = [s["top1_agreement"] for s in per_seed]
         summary = {
             "loss_median": statistics.median(losses),
             "loss_range": [min(losses), max(losses)],
             "accuracy_median": statistics.median(accuracies),
             "accuracy_range": [min(accuracies), max(accuracies)],
             "accuracy_kept_median": statistics.median(kept),
+            "kl_to_dense_median": statistics.median(kls),
+            "kl_to_dense_range": [min(kls), max(kls)],
+            "top1_agreement_median": statistics.median(agreements),
             "csr_over_dense_linear_bytes": csr,
         }
         results.setdefault("summary", {})[name] = summary
         print(
             f"{name:<20} {summary['loss_median']:7.3f} [{min(losses):.2f}-{max(losses):.2f}]"
             f" {summary['accuracy_median']:7.3f} [{min(accuracies):.2f}-{max(accuracies):.2f}]"
-            f" {summary['accuracy_kept_median']:9.3f} {csr:18.2f}"
+            f" {summary['accuracy_kept_median']:9.3f} {summary['kl_to_dense_median']:7.4f} [{min(kls):.3f}-{max(kls):.3f}]"
+            f" {summary['top1_agreement_median']:14.3f} {csr:10.2f}"
         )
     print(f"\nfootprint as stored (dense format, every variant): {dense_footprint / 2**20:.2f} MB")
 
@@ -355,6 +412,13 @@ def main(argv: list[str] | None = None) -> dict:
                 f"  {name:<12} {seconds * 1e3:8.3f} ms   speed-up vs dense {ratio:.3f} [{low:.2f}-{high:.2f}]"
             )
     print(f"torch 2:4 semi-structured sparsity on CPU: {results['speed']['semi_structured_2_4']}")
+    if tracker is not None:
+        report = tracker.stop()
+        results["energy"] = report.to_dict()
+        print(
+            f"energy of this benchmark run: {report.energy_kwh:.3g} kWh, {report.emissions_kg_co2e:.3g} kg CO2e over "
+            f"{report.duration_s:.0f} s (codecarbon offline, {report.country_iso_code}; CPU {report.cpu_power_mode})"
+        )
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=2))
     return results

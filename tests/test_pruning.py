@@ -411,12 +411,18 @@ def test_bench_prune_quick(tmp_path, capsys):
 
     from test_scripts import load_script
 
-    load_script("bench_prune").main(["--quick", "--threads", "1", "--output", str(tmp_path / "r.json")])
+    load_script("bench_prune").main(
+        ["--quick", "--threads", "1", "--output", str(tmp_path / "r.json"), "--report_to", "codecarbon",
+         "--energy_country_iso_code", "BRA"]
+    )  # fmt: skip
     printed = capsys.readouterr().out
     assert "wanda 2:4" in printed and "magnitude 50%" in printed and "semi-structured" in printed
     results = json.loads((tmp_path / "r.json").read_text())
     assert results["variants"]["wanda 50%"][0]["overall_sparsity"] == pytest.approx(0.5, abs=0.01)
     assert set(results["speed"]) == {"model", "linear", "semi_structured_2_4"}
+    assert results["summary"]["dense"]["kl_to_dense_median"] == 0.0
+    assert results["summary"]["wanda 70%"]["kl_to_dense_median"] > 0
+    assert results["energy"]["energy_kwh"] > 0 and results["energy"]["country_iso_code"] == "BRA"
 
 
 def test_bench_masks_at_least_one_real_token_per_line():

@@ -261,7 +261,53 @@ def use_offline_codecarbon(trainer, country_iso_code: str | None, region: str | 
     return callback
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Benchmarks (plain argparse scripts): the same offline tracker around the whole run
+# --------------------------------------------------------------------------------------------------------------
+def add_energy_arguments(parser) -> None:
+    """`--report_to {none,codecarbon}`, `--energy_country_iso_code`, `--energy_region` for a benchmark script."""
+    parser.add_argument(
+        "--report_to",
+        choices=["none", ENERGY_INTEGRATION],
+        default="none",
+        help="codecarbon: energy/CO2e (offline)",
+    )
+    parser.add_argument(
+        "--energy_country_iso_code", help="with --report_to codecarbon: e.g. BRA (ISO alpha-3)"
+    )
+    parser.add_argument("--energy_region", help="with --report_to codecarbon: a region codecarbon knows")
+
+
+def start_benchmark_energy(args, parser=None) -> EnergyTracker | None:
+    """Start tracking when `args.report_to == "codecarbon"` (bad set-ups end the script via `parser.error`)."""
+    if getattr(args, "report_to", "none") != ENERGY_INTEGRATION:
+        return None
+    try:
+        tracker = EnergyTracker(args.energy_country_iso_code, args.energy_region)
+    except (ValueError, ImportError) as error:
+        if parser is None:
+            raise
+        parser.error(str(error))
+    tracker.start()
+    return tracker
+
+
+def finish_benchmark_energy(tracker: EnergyTracker | None) -> dict[str, Any] | None:
+    """Stop the tracker of `start_benchmark_energy`, print one line and return the report as a dict (or None)."""
+    if tracker is None:
+        return None
+    report = tracker.stop()
+    print(
+        f"energy of this run: {report.energy_kwh:.3g} kWh, {report.emissions_kg_co2e:.3g} kg CO2e over "
+        f"{report.duration_s:.0f} s (codecarbon offline, {report.country_iso_code}; CPU power {report.cpu_power_mode})"
+    )
+    return report.to_dict()
+
+
 __all__ = [
+    "add_energy_arguments",
+    "finish_benchmark_energy",
+    "start_benchmark_energy",
     "CPU_POWER_MODES",
     "ENERGY_INTEGRATION",
     "EnergyReport",

@@ -39,6 +39,7 @@ from torch import nn
 
 import ptmoe
 from ptmoe.compress.pruning import prunable_linears, prune_wanda, wanda_mask
+from ptmoe.energy import add_energy_arguments, finish_benchmark_energy, start_benchmark_energy
 
 CORPUS = Path(ptmoe.__file__).parent / "data" / "corpus.txt"
 FULL = dict(
@@ -263,25 +264,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--save_model", help="keep the model trained here in this folder (reuse: --model_name_or_path)"
     )
-    parser.add_argument(
-        "--report_to", choices=["none", "codecarbon"], default="none", help="codecarbon: energy/CO2e"
-    )
-    parser.add_argument("--energy_country_iso_code", help="with --report_to codecarbon: e.g. BRA (offline)")
-    parser.add_argument("--energy_region", help="with --report_to codecarbon: a region codecarbon knows")
+    add_energy_arguments(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.runs, args.calibration_lines = 1, 3, 16
     if args.seeds < 1 or args.runs < 1 or args.calibration_lines < 1:
         parser.error("--seeds, --runs and --calibration_lines must be >= 1")
-    tracker = None
-    if args.report_to == "codecarbon":  # checked before any work; the whole benchmark run is tracked
-        from ptmoe.energy import EnergyTracker
-
-        try:
-            tracker = EnergyTracker(args.energy_country_iso_code, args.energy_region)
-        except (ValueError, ImportError) as error:
-            parser.error(str(error))
-        tracker.start()
+    tracker = start_benchmark_energy(args, parser)  # checked before any work; the whole run is tracked
     torch.set_num_threads(args.threads)
     train_lines, heldout = corpus_split()
     if args.quick:
@@ -413,12 +402,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
     print(f"torch 2:4 semi-structured sparsity on CPU: {results['speed']['semi_structured_2_4']}")
     if tracker is not None:
-        report = tracker.stop()
-        results["energy"] = report.to_dict()
-        print(
-            f"energy of this benchmark run: {report.energy_kwh:.3g} kWh, {report.emissions_kg_co2e:.3g} kg CO2e over "
-            f"{report.duration_s:.0f} s (codecarbon offline, {report.country_iso_code}; CPU {report.cpu_power_mode})"
-        )
+        results["energy"] = finish_benchmark_energy(tracker)
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=2))
     return results

@@ -11,7 +11,8 @@ seeded generator. For each seed, the calibration set is a different random sampl
 are drawn anew: the spread over seeds is the calibration-and-masking noise. Fidelity to the dense model at the same
 masked positions: mean KL(dense ‖ pruned) and top-1 agreement (sensitive even when a small model's accuracy is
 little above guessing frequent tokens). Variants (each pruned from a fresh copy
-of the same model): Wanda unstructured at several sparsities, Wanda with `expert_sparsity="by_load"`, Wanda 2:4,
+of the same model): Wanda unstructured at several sparsities, Wanda with `expert_sparsity="by_load"`, the ablation
+`expert_statistics="all_tokens"` (expert norms from every token of the layer instead of the routed ones), Wanda 2:4,
 and magnitude pruning (|W| only, per row) at 50 % as the baseline Wanda improves on.
 
 Footprint: `get_memory_footprint()` of the stored (dense-format) model, and the bytes the pruned linears would take
@@ -181,6 +182,7 @@ def variants() -> list[tuple[str, dict | None]]:
     out: list[tuple[str, dict | None]] = [("dense", None)]
     out += [(f"wanda {s:.0%}", {"sparsity": s}) for s in SPARSITIES]
     out += [("wanda 50% by_load", {"sparsity": 0.5, "expert_sparsity": "by_load"})]
+    out += [("wanda 50% all-token", {"sparsity": 0.5, "expert_statistics": "all_tokens"})]  # ablation
     out += [("wanda 2:4", {"structure": "2:4"})]
     out += [("magnitude 50%", {"magnitude": 0.5})]
     return out

@@ -127,6 +127,25 @@ def test_routed_token_statistics_differ_from_all_tokens_and_are_used():
         torch.testing.assert_close(stats.sq_norms[f"{block}.experts.{e}.wo"], hidden.pow(2).sum(0))
 
 
+def test_all_tokens_ablation_uses_every_token_of_the_layer():
+    model = tiny(num_experts_per_tok=1)
+    batches = calibration(padded=False)
+    block = "bert.encoder.layer.0.moe"
+    names = [f"{block}.experts.{e}.{p}" for e in range(4) for p in ("wi", "wo")]
+    stats = collect_input_norms(model, batches, names=names, expert_statistics="all_tokens")
+    ((block_input, _),) = recorded_inputs(model, batches, [block])[block]
+    flat = block_input.reshape(-1, block_input.shape[-1])
+    for e in range(4):
+        expert = model.get_submodule(f"{block}.experts.{e}")
+        torch.testing.assert_close(stats.sq_norms[f"{block}.experts.{e}.wi"], flat.pow(2).sum(0))
+        torch.testing.assert_close(
+            stats.sq_norms[f"{block}.experts.{e}.wo"], expert.act(expert.wi(flat)).pow(2).sum(0)
+        )
+        assert stats.rows[f"{block}.experts.{e}.wo"] == flat.shape[0]
+    with pytest.raises(ValueError, match="expert_statistics"):
+        prune_wanda(tiny(), batches, expert_statistics="everything")
+
+
 def test_padding_rows_of_small_experts_are_not_counted():
     """3 tokens, top-1: experts get 1-3 tokens, and CPU fp32 inference pads 2-3 rows to 4 inside the block."""
     model = tiny(num_experts_per_tok=1)

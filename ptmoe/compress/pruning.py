@@ -372,7 +372,10 @@ def _forward_arguments(model: nn.Module) -> set[str]:
 
 @torch.no_grad()
 def _collect(
-    model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], names: Sequence[str]
+    model: nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    names: Sequence[str],
+    expert_statistics: str = "routed",
 ) -> CalibrationStats:
     stats = CalibrationStats()
     owners = _expert_owners(model)
@@ -380,6 +383,24 @@ def _collect(
     modules = dict(model.named_modules())
     current_counts: dict[str, list[int]] = {}
     handles = []
+    all_tokens = expert_statistics == "all_tokens"
+    replaying = [False]  # all_tokens: expert linears count only while their expert replays every token
+
+    def replay_hook(block_name: str):
+        def hook(module, args):
+            hidden = args[0].detach()
+            hidden = hidden.reshape(
+                -1, hidden.shape[-1]
+            )  # (tokens, H): calibration sequences have no padding
+            replaying[0] = True
+            try:
+                for expert_id, expert in enumerate(module.experts):
+                    if any(owners.get(n) == (block_name, expert_id) for n in wanted):
+                        expert(hidden)
+            finally:
+                replaying[0] = False
+
+        return hook
 
     def router_hook(block_name: str, num_experts: int):
         def hook(module, args, output):
@@ -399,9 +420,11 @@ def _collect(
         owner = owners.get(name)
 
         def hook(module, args):
+            if owner is not None and all_tokens and not replaying[0]:
+                return  # the ablation counts the replay over every token, not the routed rows
             x = args[0].detach()
             x = x.reshape(-1, x.shape[-1])  # (rows, in_features)
-            if owner is not None and owner[0] in current_counts:
+            if owner is not None and not all_tokens and owner[0] in current_counts:
                 # Rows beyond the router's count are the block's CPU padding (zeros before `wi`, act(bias) after).
                 x = x[: current_counts[owner[0]][owner[1]]]
             square_sum = x.float().pow(2).sum(dim=0)  # (in_features,)
@@ -417,6 +440,8 @@ def _collect(
     for block_name in blocks:
         block = modules[block_name]
         handles.append(block.router.register_forward_hook(router_hook(block_name, len(block.experts))))
+        if all_tokens:
+            handles.append(block.register_forward_pre_hook(replay_hook(block_name)))
     for name in names:
         handles.append(modules[name].register_forward_pre_hook(linear_hook(name)))
     was_training = model.training
@@ -444,6 +469,7 @@ def collect_input_norms(
     max_length: int = 128,
     batch_size: int = 8,
     text_column: str = "text",
+    expert_statistics: str = "routed",
 ) -> CalibrationStats:
     """One calibration pass: ``Σ x_j²`` per input feature of each linear in `names` (default: `prunable_linears`).
 
@@ -452,7 +478,7 @@ def collect_input_norms(
     """
     names = list(names) if names is not None else prunable_linears(model)
     sequences = calibration_sequences(model, calibration_data, tokenizer, max_length, text_column)
-    return _collect(model, _batches(sequences, batch_size), names)
+    return _collect(model, _batches(sequences, batch_size), names, expert_statistics)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -543,6 +569,7 @@ def prune_wanda(
     text_column: str = "text",
     sequential: bool = True,
     show_progress: bool = True,
+    expert_statistics: str = "routed",
 ) -> PruningReport:
     """Prune `model` in place with Wanda; returns a `PruningReport` (also recorded as `model.config.pruning`).
 
@@ -569,6 +596,8 @@ def prune_wanda(
         sequential (`bool`, defaults to `True`): gather each layer group's statistics after pruning the groups
             before it (Wanda's reference implementation); False uses one pass over the dense model.
         show_progress (`bool`, defaults to `True`): a tqdm bar over layer groups.
+        expert_statistics (`str`, defaults to `"routed"`): `"all_tokens"` is an ablation: each expert's norms come
+            from every token of its layer (as a dense model's FFN would see them), not from its routed tokens.
 
     Raises:
         ValueError: bad `sparsity`/`structure`/`expert_sparsity`, empty or too-short calibration data, an N:M
@@ -588,6 +617,8 @@ def prune_wanda(
                     "it (leave sparsity unset with an N:M structure)"
                 )
         sparsity = implied
+    if expert_statistics not in ("routed", "all_tokens"):
+        raise ValueError(f"`expert_statistics` must be 'routed' or 'all_tokens', got {expert_statistics!r}")
     if expert_sparsity not in EXPERT_SPARSITY_MODES:
         raise ValueError(f"`expert_sparsity` must be one of {EXPERT_SPARSITY_MODES}, got {expert_sparsity!r}")
     if expert_sparsity == "by_load" and n_m is not None:
@@ -636,7 +667,7 @@ def prune_wanda(
     groups = _layer_groups(names) if sequential else [names]
     progress = _progress(groups, show_progress)
     for group in progress:
-        stats = _collect(model, batches, group)
+        stats = _collect(model, batches, group, expert_statistics)
         for block_name, counts in stats.expert_tokens.items():
             report.expert_tokens[block_name] = counts
         for name in group:
@@ -646,7 +677,7 @@ def prune_wanda(
                 block_name, expert_id = owner
                 expert_name = f"{block_name}.experts.{expert_id}"
                 counts = stats.expert_tokens.get(block_name)
-                if counts is not None and counts[expert_id] == 0:
+                if counts is not None and counts[expert_id] == 0 and expert_statistics == "routed":
                     if expert_name not in report.unpruned_experts:
                         report.unpruned_experts.append(expert_name)
                     continue

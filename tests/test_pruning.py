@@ -455,3 +455,17 @@ def test_bench_masks_at_least_one_real_token_per_line():
     assert masked.sum(1).min() >= 1
     assert (batch["input_ids"][masked] == tokenizer.mask_token_id).all()
     assert not masked[batch["attention_mask"] == 0].any()
+
+
+def test_dense_bert_is_pruned_too():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40
+        )
+    ).eval()
+    report = prune_wanda(model, calibration(), show_progress=False)
+    assert report.overall_sparsity == pytest.approx(0.5) and report.expert_tokens == {}
+    assert {"classifier", "bert.pooler.dense"} <= set(report.skipped)

@@ -135,8 +135,12 @@ def _is_moe_block(module: nn.Module) -> bool:
     return hasattr(module, "router") and isinstance(getattr(module, "experts", None), nn.ModuleList)
 
 
+# Task heads of transformers' BERT/T5-style models (name suffixes), for models without `_modules_to_not_quantize`.
+DEFAULT_HEADS = ("classifier", "qa_outputs", "pooler.dense", "cls.predictions.transform.dense", "lm_head", "score")
+
+
 def _head_patterns(model: nn.Module) -> list[str]:
-    heads = list(getattr(model, "_modules_to_not_quantize", None) or [])
+    heads = list(DEFAULT_HEADS) + list(getattr(model, "_modules_to_not_quantize", None) or [])
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if output_embeddings is not None:
         heads += [name for name, m in model.named_modules() if m is output_embeddings and name]
@@ -150,7 +154,7 @@ def prunable_linears(
 
     Never routers (bare parameters in ptmoe, and any linear under a `router` module is excluded too) or embeddings
     (not linear layers). Task heads and output embeddings (`_modules_to_not_quantize`, `lm_head`, the MLM decoder)
-    are kept unless `include_heads`.
+    are kept unless `include_heads` (`DEFAULT_HEADS` cover dense transformers models).
 
     Args:
         model (`nn.Module`): a full-precision model.

@@ -100,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert_switch.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
     convert_switch.set_defaults(func=_cmd_convert_switch)
 
-    # ptmoe prune MODEL OUT --calibration FILE: Wanda pruning (ptmoe/compress/pruning.py).
-    from .compress.pruning import add_prune_arguments, run_prune_command
+    # ptmoe prune MODEL OUT --calibration FILE: Wanda pruning (ptmoe/compress/).
+    from .compress.prune_command import add_prune_arguments, run_prune_command
 
     prune = commands.add_parser(
         "prune", help="Wanda-prune a checkpoint (expert statistics from routed tokens)"

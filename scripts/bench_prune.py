@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.model_name_or_path:
             from transformers import AutoTokenizer
 
-            from ptmoe.compress.pruning import load_for_pruning
+            from ptmoe.compress.prune_command import load_for_pruning
 
             model = load_for_pruning(args.model_name_or_path)
             tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)

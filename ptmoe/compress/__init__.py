@@ -3,9 +3,9 @@
 fp32/bf16 checkpoint ──► prune_wanda(model, calibration texts) ──► sparse weights ──► save ──► 4-bit load / LoRA
 """
 
+from .calibration import CalibrationStats, calibration_sequences, collect_input_norms
 from .pruning import (
     PruningReport,
-    collect_input_norms,
     nm_mask,
     prunable_linears,
     prune_wanda,
@@ -15,7 +15,9 @@ from .pruning import (
 )
 
 __all__ = [
+    "CalibrationStats",
     "PruningReport",
+    "calibration_sequences",
     "collect_input_norms",
     "nm_mask",
     "prunable_linears",

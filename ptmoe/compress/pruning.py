@@ -13,8 +13,8 @@ same 2:4 pattern ``prune_n=2, prune_m=4`` by the number *pruned*, which coincide
 Mixture-of-Experts twist: an expert only ever sees the tokens its router sends it, so its input norms must come
 from those tokens, not from every token of the layer. Forward hooks on an expert's linears see exactly the routed
 rows (the sparse MoE block gathers them per expert); the few zero rows the block may pad in CPU fp32 inference are
-cut off using the router's own token counts. An expert that received no calibration token has no statistics: it
-is left unpruned and listed in the report (never pruned on weight magnitude alone).
+cut off using the router's own token counts (`calibration.py`). An expert that received no calibration token has
+no statistics: it is left unpruned and listed in the report (never pruned on weight magnitude alone).
 
 Layers are pruned in order (a "layer group" is one `layer.N` / `block.N` of a stack; anything outside the stacks,
 e.g. a pooler, comes last), and the statistics of each group are gathered with the groups before it already
@@ -26,13 +26,15 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .calibration import _batches, _collect, _expert_owners, calibration_sequences
 
 logger = logging.getLogger(__name__)
 
@@ -130,13 +132,15 @@ def _check_sparsity(sparsity: float, name: str = "sparsity") -> None:
 # --------------------------------------------------------------------------------------------------------------
 # Which linears are pruned
 # --------------------------------------------------------------------------------------------------------------
-def _is_moe_block(module: nn.Module) -> bool:
-    # Duck-typed like `ptmoe.lora`, so classes loaded with `trust_remote_code` are recognised too.
-    return hasattr(module, "router") and isinstance(getattr(module, "experts", None), nn.ModuleList)
 
-
-# Task heads of transformers' BERT/T5-style models (name suffixes), for models without `_modules_to_not_quantize`.
-DEFAULT_HEADS = ("classifier", "qa_outputs", "pooler.dense", "cls.predictions.transform.dense", "lm_head", "score")
+DEFAULT_HEADS = (
+    "classifier",
+    "qa_outputs",
+    "pooler.dense",
+    "cls.predictions.transform.dense",
+    "lm_head",
+    "score",
+)
 
 
 def _head_patterns(model: nn.Module) -> list[str]:
@@ -174,19 +178,6 @@ def prunable_linears(
     ]
 
 
-def _expert_owners(model: nn.Module) -> dict[str, tuple[str, int]]:
-    """`{linear name: (MoE block name, expert id)}` for every routed expert's linear."""
-    owners = {}
-    for block_name, block in model.named_modules():
-        if not _is_moe_block(block):
-            continue
-        for expert_id, expert in enumerate(block.experts):
-            for sub_name, sub in expert.named_modules():
-                if isinstance(sub, nn.Linear):
-                    owners[f"{block_name}.experts.{expert_id}.{sub_name}"] = (block_name, expert_id)
-    return owners
-
-
 def _layer_groups(names: Sequence[str]) -> list[list[str]]:
     """Names grouped by stack layer (`...layer.N` / `...block.N`) in model order; names outside a stack last."""
     groups: dict[str, list[str]] = {}
@@ -198,291 +189,6 @@ def _layer_groups(names: Sequence[str]) -> list[list[str]]:
         else:
             groups.setdefault(match.group(1), []).append(name)
     return list(groups.values()) + ([outside] if outside else [])
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Calibration data → unpadded sequences → length-bucketed batches
-# --------------------------------------------------------------------------------------------------------------
-def _resolve_tokenizer(model: nn.Module, tokenizer):
-    if tokenizer is not None:
-        return tokenizer
-    source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
-    if source:
-        from transformers import AutoTokenizer
-
-        try:
-            return AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError, TypeError, KeyError):
-            pass
-    raise ValueError(
-        "calibration_data is a list of texts but no tokenizer was found in the model's folder "
-        f"({source!r}): pass `tokenizer=` (e.g. AutoTokenizer.from_pretrained(...)) or tokenized batches"
-    )
-
-
-def _rows_of_batch(batch: Mapping[str, Any]) -> list[dict[str, torch.Tensor]]:
-    """One tokenized batch → its sequences without padding (`attention_mask == 0` positions removed)."""
-    if "input_ids" not in batch:
-        raise ValueError(f"a tokenized calibration batch needs `input_ids`, got keys {sorted(batch)}")
-    input_ids = torch.as_tensor(batch["input_ids"])
-    if input_ids.dim() == 1:
-        input_ids = input_ids.unsqueeze(0)
-    mask = batch.get("attention_mask")
-    mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool()
-    mask = mask.reshape(input_ids.shape)
-    extra = {}
-    for key in ("token_type_ids",):
-        if batch.get(key) is not None:
-            extra[key] = torch.as_tensor(batch[key]).reshape(input_ids.shape)
-    rows = []
-    for i in range(input_ids.shape[0]):
-        keep = mask[i]
-        row = {"input_ids": input_ids[i][keep]}
-        row.update({key: value[i][keep] for key, value in extra.items()})
-        if row["input_ids"].numel():
-            rows.append(row)
-    return rows
-
-
-def calibration_sequences(
-    model: nn.Module,
-    calibration_data: Any,
-    tokenizer=None,
-    max_length: int = 128,
-    text_column: str = "text",
-) -> list[dict[str, torch.Tensor]]:
-    """Normalise calibration data to a list of unpadded sequences (`{"input_ids": (L,), ...}`).
-
-    Accepts a list of texts (tokenized with `tokenizer`, or the tokenizer of the model's folder), a
-    `datasets.Dataset` (with an `input_ids` column, or a `text_column`), a tokenized batch (a mapping with
-    `input_ids` and optionally `attention_mask` / `token_type_ids`) or a list/iterable of such batches. Padding
-    is removed here, so that every row a layer sees in calibration is a real token.
-    """
-    if isinstance(calibration_data, str):
-        raise ValueError(
-            "calibration_data must be a list of texts, a datasets.Dataset or tokenized batches, not one string"
-        )
-    if calibration_data is None:
-        raise ValueError(
-            "calibration_data is empty: give some texts (about 128 sequences is Wanda's default)"
-        )
-    try:
-        import datasets
-
-        is_dataset = isinstance(calibration_data, datasets.Dataset)
-    except ImportError:  # pragma: no cover - datasets is a dependency
-        is_dataset = False
-    if is_dataset:
-        if "input_ids" in calibration_data.column_names:
-            columns = [
-                c
-                for c in ("input_ids", "attention_mask", "token_type_ids")
-                if c in calibration_data.column_names
-            ]
-            items = [{c: row[c] for c in columns} for row in calibration_data]
-        elif text_column in calibration_data.column_names:
-            items = list(calibration_data[text_column])
-        else:
-            raise ValueError(
-                f"the calibration Dataset has neither `input_ids` nor the text column {text_column!r} "
-                f"(columns: {calibration_data.column_names}); pass text_column="
-            )
-    elif isinstance(calibration_data, Mapping):
-        items = [calibration_data]
-    elif isinstance(calibration_data, Iterable):
-        items = list(calibration_data)
-    else:
-        raise ValueError(
-            f"calibration_data must be a list of texts, a datasets.Dataset or tokenized batches, got "
-            f"{type(calibration_data).__name__}"
-        )
-    if not items:
-        raise ValueError(
-            "calibration_data is empty: give some texts (about 128 sequences is Wanda's default)"
-        )
-    if all(isinstance(item, str) for item in items):
-        texts = [text for text in items if text.strip()]
-        if not texts:
-            raise ValueError("calibration_data holds only empty texts")
-        tokenizer = _resolve_tokenizer(model, tokenizer)
-        encoded = tokenizer(texts, truncation=True, max_length=max_length)
-        keys = [key for key in ("input_ids", "token_type_ids") if key in encoded]
-        return [{key: torch.tensor(encoded[key][i]) for key in keys} for i in range(len(texts))]
-    if all(isinstance(item, Mapping) for item in items):
-        sequences = []
-        for item in items:
-            if (
-                isinstance(item.get("input_ids"), (list, tuple))
-                and item["input_ids"]
-                and not isinstance(item["input_ids"][0], (list, tuple, torch.Tensor))
-            ):
-                item = {k: [v] for k, v in item.items() if v is not None}  # one unbatched example
-            sequences.extend(_rows_of_batch(item))
-        return sequences
-    raise ValueError(
-        "calibration_data must hold only texts or only tokenized batches (mappings with `input_ids`), got "
-        f"{sorted({type(item).__name__ for item in items})}"
-    )
-
-
-def _batches(sequences: Sequence[dict[str, torch.Tensor]], batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """Stack sequences of equal length (no padding needed), at most `batch_size` per batch."""
-    by_length: dict[int, list[dict[str, torch.Tensor]]] = {}
-    for sequence in sequences:
-        by_length.setdefault(sequence["input_ids"].numel(), []).append(sequence)
-    batches = []
-    for length in sorted(by_length):
-        same = by_length[length]
-        for start in range(0, len(same), batch_size):
-            chunk = same[start : start + batch_size]
-            batches.append({key: torch.stack([s[key] for s in chunk]) for key in chunk[0]})
-    return batches
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Statistics
-# --------------------------------------------------------------------------------------------------------------
-@dataclass
-class CalibrationStats:
-    """Input statistics of linear layers over calibration tokens.
-
-    Attributes:
-        sq_norms (`dict[str, torch.Tensor]`): linear name → `(in_features,)` fp32 ``Σ_rows x_j²``.
-        rows (`dict[str, int]`): linear name → rows (tokens) that reached it.
-        expert_tokens (`dict[str, list[int]]`): MoE block name → tokens routed to each expert (per slot).
-    """
-
-    sq_norms: dict[str, torch.Tensor] = field(default_factory=dict)
-    rows: dict[str, int] = field(default_factory=dict)
-    expert_tokens: dict[str, list[int]] = field(default_factory=dict)
-
-
-def _model_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    device = next(model.parameters()).device
-    inputs = {key: value.to(device) for key, value in batch.items()}
-    if getattr(model.config, "is_encoder_decoder", False) and hasattr(model, "_shift_right"):
-        # Encoder-decoders: the decoder reads the same text, shifted right (teacher forcing on the calibration set).
-        inputs["decoder_input_ids"] = model._shift_right(inputs["input_ids"])
-    if "token_type_ids" in inputs and "token_type_ids" not in _forward_arguments(model):
-        del inputs["token_type_ids"]  # T5 tokenizers do not make them, BERT ones do
-    return inputs
-
-
-def _forward_arguments(model: nn.Module) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(model.forward).parameters)
-
-
-@torch.no_grad()
-def _collect(
-    model: nn.Module,
-    batches: Sequence[dict[str, torch.Tensor]],
-    names: Sequence[str],
-    expert_statistics: str = "routed",
-) -> CalibrationStats:
-    stats = CalibrationStats()
-    owners = _expert_owners(model)
-    wanted = set(names)
-    modules = dict(model.named_modules())
-    current_counts: dict[str, list[int]] = {}
-    handles = []
-    all_tokens = expert_statistics == "all_tokens"
-    replaying = [False]  # all_tokens: expert linears count only while their expert replays every token
-
-    def replay_hook(block_name: str):
-        def hook(module, args):
-            hidden = args[0].detach()
-            hidden = hidden.reshape(
-                -1, hidden.shape[-1]
-            )  # (tokens, H): calibration sequences have no padding
-            replaying[0] = True
-            try:
-                for expert_id, expert in enumerate(module.experts):
-                    if any(owners.get(n) == (block_name, expert_id) for n in wanted):
-                        expert(hidden)
-            finally:
-                replaying[0] = False
-
-        return hook
-
-    def router_hook(block_name: str, num_experts: int):
-        def hook(module, args, output):
-            expert_index = getattr(output, "expert_index", None)  # (B, S, k), -1 = not dispatched
-            if expert_index is None:
-                return
-            chosen = expert_index[expert_index >= 0].reshape(-1)
-            counts = torch.bincount(chosen, minlength=num_experts).tolist()
-            current_counts[block_name] = counts
-            total = stats.expert_tokens.setdefault(block_name, [0] * num_experts)
-            for i, count in enumerate(counts):
-                total[i] += count
-
-        return hook
-
-    def linear_hook(name: str):
-        owner = owners.get(name)
-
-        def hook(module, args):
-            if owner is not None and all_tokens and not replaying[0]:
-                return  # the ablation counts the replay over every token, not the routed rows
-            x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1])  # (rows, in_features)
-            if owner is not None and not all_tokens and owner[0] in current_counts:
-                # Rows beyond the router's count are the block's CPU padding (zeros before `wi`, act(bias) after).
-                x = x[: current_counts[owner[0]][owner[1]]]
-            square_sum = x.float().pow(2).sum(dim=0)  # (in_features,)
-            if name in stats.sq_norms:
-                stats.sq_norms[name] += square_sum
-            else:
-                stats.sq_norms[name] = square_sum
-            stats.rows[name] = stats.rows.get(name, 0) + x.shape[0]
-
-        return hook
-
-    blocks = {owner[0] for name, owner in owners.items() if name in wanted}
-    for block_name in blocks:
-        block = modules[block_name]
-        handles.append(block.router.register_forward_hook(router_hook(block_name, len(block.experts))))
-        if all_tokens:
-            handles.append(block.register_forward_pre_hook(replay_hook(block_name)))
-    for name in names:
-        handles.append(modules[name].register_forward_pre_hook(linear_hook(name)))
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            model(**_model_inputs(model, batch))
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    for name in names:  # a linear never reached (e.g. an expert with no token) still gets an entry
-        if name not in stats.sq_norms:
-            in_features = modules[name].in_features
-            stats.sq_norms[name] = torch.zeros(in_features)
-            stats.rows[name] = 0
-    return stats
-
-
-def collect_input_norms(
-    model: nn.Module,
-    calibration_data: Any,
-    names: Sequence[str] | None = None,
-    tokenizer=None,
-    max_length: int = 128,
-    batch_size: int = 8,
-    text_column: str = "text",
-    expert_statistics: str = "routed",
-) -> CalibrationStats:
-    """One calibration pass: ``Σ x_j²`` per input feature of each linear in `names` (default: `prunable_linears`).
-
-    Each routed expert's statistics come only from the tokens its router dispatched to it; padding never counts.
-    See `calibration_sequences` for the accepted `calibration_data`.
-    """
-    names = list(names) if names is not None else prunable_linears(model)
-    sequences = calibration_sequences(model, calibration_data, tokenizer, max_length, text_column)
-    return _collect(model, _batches(sequences, batch_size), names, expert_statistics)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -732,137 +438,10 @@ def save_pruned(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite
     )
 
 
-# --------------------------------------------------------------------------------------------------------------
-# `ptmoe prune`
-# --------------------------------------------------------------------------------------------------------------
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def load_for_pruning(model_name_or_path: str, dtype: str = "float32") -> nn.Module:
-    """Load a checkpoint with the class named in its config (`architectures[0]`): ptmoe or transformers models."""
-    import transformers
-    from transformers import AutoConfig
-
-    from .. import auto  # noqa: F401  (registers the ptmoe configs and models)
-    from ..models import modeling_moe_bert, modeling_moe_t5
-
-    if dtype not in _DTYPES:
-        raise ValueError(f"--dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    config = AutoConfig.from_pretrained(model_name_or_path)
-    architecture = (getattr(config, "architectures", None) or [None])[0]
-    model_class = None
-    for namespace in (modeling_moe_bert, modeling_moe_t5, transformers):
-        model_class = model_class or getattr(namespace, architecture or "", None)
-    if model_class is None:
-        raise ValueError(
-            f"{model_name_or_path}: its config names no loadable architecture ({architecture!r}); save the model "
-            "with save_pretrained (which records `architectures`) or prune it in Python with ptmoe.prune_wanda"
-        )
-    return model_class.from_pretrained(model_name_or_path, dtype=_DTYPES[dtype]).eval()
-
-
-def read_calibration_file(path: str, text_column: str = "text", max_samples: int | None = None):
-    """Calibration texts from a .txt (one per line), .jsonl/.json or .csv file, as a `datasets.Dataset`."""
-    import datasets
-
-    from ..training import _data_builder
-
-    builder = _data_builder(path, "--calibration")
-    dataset = datasets.load_dataset(builder, data_files=path, split="train")
-    if text_column not in dataset.column_names:
-        raise ValueError(
-            f"--calibration {path!r} has no column {text_column!r} (columns: {dataset.column_names}); "
-            "set --text-column"
-        )
-    dataset = dataset.filter(lambda row: bool(row[text_column] and row[text_column].strip()))
-    if max_samples is not None:
-        dataset = dataset.select(range(min(max_samples, len(dataset))))
-    return dataset
-
-
-def add_prune_arguments(parser) -> None:
-    """The arguments of `ptmoe prune`."""
-    parser.add_argument("model", help="folder or Hub id of a full-precision checkpoint (ptmoe MoE or dense)")
-    parser.add_argument("out", help="output folder (must be empty unless --overwrite)")
-    parser.add_argument(
-        "--calibration", required=True, help="calibration texts: .txt (one per line), .jsonl/.json or .csv"
-    )
-    parser.add_argument("--text-column", default="text", help="text column of a .jsonl/.csv file")
-    parser.add_argument("--max-samples", type=int, default=128, help="calibration texts used (default 128)")
-    parser.add_argument(
-        "--max-length", type=int, default=128, help="tokens per calibration text (default 128)"
-    )
-    parser.add_argument("--sparsity", type=float, help="fraction removed per row, in [0, 1) (default 0.5)")
-    parser.add_argument(
-        "--structure", default="unstructured", help="'unstructured' (default) or N:M, e.g. 2:4"
-    )
-    parser.add_argument(
-        "--expert-sparsity",
-        choices=EXPERT_SPARSITY_MODES,
-        default="uniform",
-        help="by_load: prune idle experts harder",
-    )
-    parser.add_argument("--skip", nargs="*", default=[], help="module name patterns to keep dense")
-    parser.add_argument(
-        "--include-heads", action="store_true", help="also prune task heads / output embeddings"
-    )
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="load (and save) dtype")
-    parser.add_argument("--min-tokens", type=int, default=64, help="refuse less calibration text than this")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-
-
-def run_prune_command(args) -> int:
-    """`ptmoe prune MODEL OUT --calibration FILE`: Wanda-prune, save atomically, print the report's summary."""
-    import sys
-
-    from ..upcycling import check_output_dir
-
-    try:
-        check_output_dir(args.out, args.overwrite)  # before the (long) calibration, not after
-        if args.max_samples is not None and args.max_samples < 1:
-            raise ValueError(f"--max-samples must be >= 1, got {args.max_samples}")
-        parse_structure(args.structure)
-        if args.sparsity is not None:
-            _check_sparsity(args.sparsity)
-        texts = read_calibration_file(args.calibration, args.text_column, args.max_samples)
-        model = load_for_pruning(args.model, args.dtype)
-        tokenizer = _resolve_tokenizer(model, None)
-        report = prune_wanda(
-            model,
-            texts,
-            sparsity=args.sparsity,
-            structure=args.structure,
-            skip=args.skip,
-            tokenizer=tokenizer,
-            include_heads=args.include_heads,
-            expert_sparsity=args.expert_sparsity,
-            max_length=args.max_length,
-            min_tokens=args.min_tokens,
-        )
-        out = save_pruned(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
-    except (FileExistsError, FileNotFoundError, ValueError) as error:
-        print(f"ptmoe prune: error: {error}", file=sys.stderr)
-        return 2
-    print(
-        f"Wanda {report.structure} pruning: {report.overall_sparsity:.1%} of {report.total_weights:,} weights in "
-        f"{len(report.layer_sparsity)} linears set to zero ({report.calibration_tokens:,} calibration tokens); "
-        f"saved to {out}"
-    )
-    if report.unpruned_experts:
-        print(f"left dense (no calibration token routed to them): {', '.join(report.unpruned_experts)}")
-    return 0
-
-
 __all__ = [
-    "add_prune_arguments",
-    "load_for_pruning",
-    "read_calibration_file",
-    "run_prune_command",
-    "CalibrationStats",
+    "DEFAULT_HEADS",
     "EXPERT_SPARSITY_MODES",
     "PruningReport",
-    "calibration_sequences",
-    "collect_input_norms",
     "nm_mask",
     "parse_structure",
     "prunable_linears",

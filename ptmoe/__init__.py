@@ -4,6 +4,7 @@ Importing ptmoe registers every config and model with transformers' Auto classes
 """
 
 from .auto import register_auto_classes
+from .compress import PruningReport, prune_wanda, save_pruned
 from .convert import convert_switch_transformers
 from .lora import (
     MoeLayer,
@@ -118,4 +119,7 @@ __all__ = [
     "add_router_telemetry",
     "routing_statistics",
     "plot_expert_load",
+    "prune_wanda",
+    "save_pruned",
+    "PruningReport",
 ]

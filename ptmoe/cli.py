@@ -146,6 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert_switch.set_defaults(func=_cmd_convert_switch)
 
+    # ptmoe prune MODEL OUT --calibration FILE: Wanda pruning (ptmoe/compress/).
+    from .compress.prune_command import add_prune_arguments, run_prune_command
+
+    prune = commands.add_parser(
+        "prune", help="Wanda-prune a checkpoint (expert statistics from routed tokens)"
+    )
+    add_prune_arguments(prune)
+    prune.set_defaults(func=run_prune_command)
+
     # ptmoe demo: the offline end-to-end demo (ptmoe/demo.py).
     def _cmd_demo(args: argparse.Namespace) -> int:
         from .demo import DemoConfig, run_demo

@@ -15,6 +15,9 @@ Examples (run under `accelerate launch` unchanged for several processes):
         --text_column premise --text_pair_column hypothesis --label_column relatedness_score \\
         --task_type regression --output_dir out/sts
 
+    # binary screening (include / exclude): also report AWSS@95% and WSS@95% on the relevant class (label id 1)
+    ... --metric awss@0.95 wss@0.95
+
     # expert LoRA (adapter saved; --merge_lora also saves the merged model) or QLoRA
     ... --tuning lora --lora_r 8 --lora_alpha 16 --lora_experts all --merge_lora
 """
@@ -43,6 +46,12 @@ class ClassificationDataArguments(training.DataArguments):
             "choices": ["classification", "regression"],
         },
     )
+    metric: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Extra screening metrics for binary tasks, NAME@RECALL: awss@0.95, wss@0.95 (label id 1 = relevant)."
+        },
+    )
 
 
 def main(args: list[str] | None = None) -> dict:
@@ -50,6 +59,7 @@ def main(args: list[str] | None = None) -> dict:
     model_args, data_args, training_args, raw, do_train, do_eval = training.start_run(
         (training.ModelArguments, ClassificationDataArguments, TrainingArguments), args
     )
+    screening = training.parse_screening_metrics(data_args.metric)
     training.check_columns(
         raw,
         {
@@ -64,6 +74,9 @@ def main(args: list[str] | None = None) -> dict:
             model_args.model_name_or_path, "sequence", model_args.cache_dir
         )
     labels = training.build_label_mapping(raw, data_args.label_column, data_args.task_type, model_labels)
+    compute_metrics = training.classification_metrics(
+        labels, screening=screening
+    )  # refuses awss on non-binary tasks
 
     tokenizer = training.load_tokenizer(model_args)
     model = training.load_model(model_args, "sequence-classification", labels)
@@ -87,8 +100,8 @@ def main(args: list[str] | None = None) -> dict:
         eval_dataset=tokenized.get("validation") if do_eval else None,
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=training.classification_metrics(labels),
-        preprocess_logits_for_metrics=training.logits_to_predictions(data_args.task_type),
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=training.logits_to_predictions(data_args.task_type, bool(screening)),
     )
     return training.train_evaluate_save(trainer, model_args, do_train, do_eval)
 

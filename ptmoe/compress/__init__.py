@@ -1,0 +1,28 @@
+"""Model compression for limited hardware: pruning (Wanda) and, alongside, distillation.
+
+fp32/bf16 checkpoint ──► prune_wanda(model, calibration texts) ──► sparse weights ──► save ──► 4-bit load / LoRA
+"""
+
+from .calibration import CalibrationStats, calibration_sequences, collect_input_norms
+from .pruning import (
+    PruningReport,
+    nm_mask,
+    prunable_linears,
+    prune_wanda,
+    save_pruned,
+    wanda_mask,
+    wanda_scores,
+)
+
+__all__ = [
+    "CalibrationStats",
+    "PruningReport",
+    "calibration_sequences",
+    "collect_input_norms",
+    "nm_mask",
+    "prunable_linears",
+    "prune_wanda",
+    "save_pruned",
+    "wanda_mask",
+    "wanda_scores",
+]

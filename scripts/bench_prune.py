@@ -411,4 +411,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from ptmoe.errors import run_script
+
+    run_script(main)

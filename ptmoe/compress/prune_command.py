@@ -86,36 +86,31 @@ def add_prune_arguments(parser) -> None:
 
 def run_prune_command(args) -> int:
     """`ptmoe prune MODEL OUT --calibration FILE`: Wanda-prune, save atomically, print the report's summary."""
-    import sys
 
     from ..upcycling import check_output_dir
 
-    try:
-        check_output_dir(args.out, args.overwrite)  # before the (long) calibration, not after
-        if args.max_samples is not None and args.max_samples < 1:
-            raise ValueError(f"--max-samples must be >= 1, got {args.max_samples}")
-        parse_structure(args.structure)
-        if args.sparsity is not None:
-            _check_sparsity(args.sparsity)
-        texts = read_calibration_file(args.calibration, args.text_column, args.max_samples)
-        model = load_for_pruning(args.model, args.dtype)
-        tokenizer = _resolve_tokenizer(model, None)
-        report = prune_wanda(
-            model,
-            texts,
-            sparsity=args.sparsity,
-            structure=args.structure,
-            skip=args.skip,
-            tokenizer=tokenizer,
-            include_heads=args.include_heads,
-            expert_sparsity=args.expert_sparsity,
-            max_length=args.max_length,
-            min_tokens=args.min_tokens,
-        )
-        out = save_pruned(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
-    except (FileExistsError, FileNotFoundError, ValueError) as error:
-        print(f"ptmoe prune: error: {error}", file=sys.stderr)
-        return 2
+    check_output_dir(args.out, args.overwrite)  # before the (long) calibration, not after
+    if args.max_samples is not None and args.max_samples < 1:
+        raise ValueError(f"--max-samples must be >= 1, got {args.max_samples}")
+    parse_structure(args.structure)
+    if args.sparsity is not None:
+        _check_sparsity(args.sparsity)
+    texts = read_calibration_file(args.calibration, args.text_column, args.max_samples)
+    model = load_for_pruning(args.model, args.dtype)
+    tokenizer = _resolve_tokenizer(model, None)
+    report = prune_wanda(
+        model,
+        texts,
+        sparsity=args.sparsity,
+        structure=args.structure,
+        skip=args.skip,
+        tokenizer=tokenizer,
+        include_heads=args.include_heads,
+        expert_sparsity=args.expert_sparsity,
+        max_length=args.max_length,
+        min_tokens=args.min_tokens,
+    )
+    out = save_pruned(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
     print(
         f"Wanda {report.structure} pruning: {report.overall_sparsity:.1%} of {report.total_weights:,} weights in "
         f"{len(report.layer_sparsity)} linears set to zero ({report.calibration_tokens:,} calibration tokens); "

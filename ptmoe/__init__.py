@@ -14,6 +14,7 @@ from .lora import (
     moe_layers,
     select_experts,
 )
+from .merging import merge_experts
 from .models.configuration_moe_bert import MoeBertConfig
 from .models.configuration_moe_t5 import MoeT5Config
 from .models.modeling_moe_bert import (
@@ -37,6 +38,7 @@ from .models.moe import (
     count_parameters,
     importance_loss,
     load_balancing_loss,
+    router_domain_loss,
     router_z_loss,
 )
 from .quantization import (
@@ -93,6 +95,8 @@ __all__ = [
     "load_balancing_loss",
     "router_z_loss",
     "importance_loss",
+    "router_domain_loss",
+    "merge_experts",
     "MoeLayer",
     "moe_layers",
     "expert_lora_config",

@@ -63,6 +63,8 @@ _LAZY_EXPORTS = {
     "add_router_telemetry": "telemetry",
     "routing_statistics": "telemetry",
     "plot_expert_load": "telemetry",
+    "domain_routing_statistics": "telemetry",
+    "plot_domain_load": "telemetry",
 }
 
 
@@ -122,4 +124,6 @@ __all__ = [
     "add_router_telemetry",
     "routing_statistics",
     "plot_expert_load",
+    "domain_routing_statistics",
+    "plot_domain_load",
 ]

@@ -20,6 +20,7 @@ from ptmoe.telemetry import (
     domain_purity,
     domain_routing_statistics,
     plot_domain_load,
+    plot_expert_load,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -193,3 +194,8 @@ def test_domain_loss_without_domain_column(named_checkpoints, tmp_path):
     args = [a for a in args if a not in ("--domain_column", "domain")]
     with pytest.raises(ValueError, match="needs --domain_column"):
         load_script("train_mlm").main(args)
+
+
+def test_expert_load_heatmap_shows_expert_names(tmp_path):
+    stats = {"layer_0": {"load": [0.5, 0.25, 0.25, 0.0]}}
+    assert plot_expert_load(stats, tmp_path / "e.png", expert_names=NAMES).stat().st_size > 0

@@ -238,3 +238,20 @@ def test_cli_merges_and_refuses_bad_input(tmp_path, capsys):
         ["merge-experts", f"a={tmp_path / 'juridico'}", f"b={tmp_path / 'noticias'}", "--out", str(out)]
     )
     assert code == 2 and "not empty" in capsys.readouterr().err
+
+
+def test_sources_as_paths_mixing_dense_and_moe(tmp_path):
+    a, b = dense_bert(1), dense_bert(2)
+    a.save_pretrained(tmp_path / "a")
+    moe_b = ptmoe.upcycle(
+        b, num_experts=2, num_experts_per_tok=1, moe_layers=1, method="noise", progress=False
+    )
+    moe_b.save_pretrained(tmp_path / "b")
+    merged = ptmoe.merge_experts({"a": str(tmp_path / "a"), "b": str(tmp_path / "b")})
+    assert merged.config.expert_names == ["a", "b", "b"]
+    torch.testing.assert_close(
+        merged.bert.encoder.layer[1].moe.experts[2].wo.weight,
+        moe_b.bert.encoder.layer[1].moe.experts[1].wo.weight,
+    )
+    with pytest.raises(ValueError, match="same MoE layers"):
+        ptmoe.merge_experts({"a": str(tmp_path / "a"), "b": str(tmp_path / "b")}, moe_layers=2)

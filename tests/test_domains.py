@@ -199,3 +199,20 @@ def test_domain_loss_without_domain_column(named_checkpoints, tmp_path):
 def test_expert_load_heatmap_shows_expert_names(tmp_path):
     stats = {"layer_0": {"load": [0.5, 0.25, 0.25, 0.0]}}
     assert plot_expert_load(stats, tmp_path / "e.png", expert_names=NAMES).stat().st_size > 0
+
+
+@pytest.mark.parametrize("router_type", ["topk", "switch", "noisy_topk", "hash"])
+def test_forced_routing_for_every_router(tiny_bert_config, router_type):
+    k = 1 if router_type in ("switch", "hash") else 2
+    config = tiny_bert_config(
+        expert_names=NAMES, router_type=router_type, num_experts_per_tok=k, eval_capacity_factor=4.0
+    )
+    model = ptmoe.MoeBertForMaskedLM(config).eval()
+    ids = torch.randint(5, 99, (2, 9))
+    with model.route_to("juridico"):  # experts 0 and 1
+        out = model(ids, output_router_logits=True)
+    for index in out.expert_index:
+        assert set(index.unique().tolist()) <= {0, 1, -1} and (index[..., 0] >= 0).all()
+    with model.route_to(3):  # by expert id
+        out = model(ids, output_router_logits=True)
+    assert all((index[..., 0] == 3).all() for index in out.expert_index)

@@ -643,11 +643,12 @@ def router_domain_loss(
 ) -> torch.Tensor:
     """Domain supervision of a router: ``-log Σ_{e ∈ experts(d)} p_e(x)`` averaged over the tokens of labelled texts.
 
-    DEMix layers (Gururangan et al., NAACL 2022, §2) send every training token of domain d to the expert of d; this
-    is the soft version of that rule for a learned router: it maximises the router probability mass on the experts
-    named d (the log-likelihood of the domain under the router, computed stably as
-    ``logsumexp(logits) - logsumexp(logits of d's experts)``), so that the router keeps routing by domain at
-    inference without a label. Multiply by ``router_domain_loss_coef``.
+    DEMix layers (Gururangan et al., "DEMix Layers: Disentangling Domains for Modular Language Modeling", NAACL 2022)
+    send every training token of domain d to the expert of d (deterministic routing by the domain label). This loss
+    is a soft version of that rule for a learned router (our formulation; the paper has no router to train): it
+    maximises the router probability mass on the experts named d, i.e. the log-likelihood of the domain under the
+    router, computed stably as ``logsumexp(logits) - logsumexp(logits of d's experts)``, so that the router routes by
+    domain at inference without a label. Multiply by ``router_domain_loss_coef``.
 
     Args:
         router_logits (`torch.Tensor` of shape `(B, S, E)`): pre-softmax router scores.
@@ -961,7 +962,8 @@ class MoePreTrainedMixin:
             with model.route_to("saude", "informal"):
                 ...                                # only inside the block
 
-        Set by this explicit call (not inside `forward`); the setting is not saved with the model.
+        Set by this explicit call (not inside `forward`); the setting is not saved with the model. A hash router
+        sends a token whose hashed expert is not allowed to the first allowed expert.
         """
         routers = [m for m in self.modules() if isinstance(m, TopKRouter)]
         previous = [router.forced_experts for router in routers]

@@ -296,6 +296,14 @@ def merge_experts(
         if value is None:
             del layers[key]
 
+    for label, _, source in flat:
+        if isinstance(source, (str, os.PathLike)):
+            path = os.fspath(source)
+            # A Hub id is "name" or "org/name"; anything that looks like a file path must exist here.
+            if (path.startswith((os.sep, ".", "~")) or os.path.splitdrive(path)[0]) and not os.path.isdir(
+                path
+            ):
+                raise FileNotFoundError(f"source {label!r}: no such folder {path!r}")
     _check_tokenizers({label: source for label, _, source in flat})
     models = {label: _as_moe_model(label, source, layers, task, load_kwargs) for label, _, source in flat}
     _check_compatible(models)

@@ -232,6 +232,16 @@ def test_cli_merges_and_refuses_bad_input(tmp_path, capsys):
     )
     assert code == 0, capsys.readouterr().err
     assert AutoModelForMaskedLM.from_pretrained(out).config.expert_names == ["juridico", "noticias"]
+    code = cli_main(
+        [
+            "merge-experts",
+            f"a={tmp_path / 'juridico'}",
+            f"b={tmp_path / 'nada'}",
+            "--out",
+            str(tmp_path / "y"),
+        ]
+    )
+    assert code == 2 and "source 'b': no such folder" in capsys.readouterr().err
     code = cli_main(["merge-experts", f"juridico={tmp_path / 'juridico'}", "--out", str(tmp_path / "x")])
     assert code == 2 and "at least 2 source models" in capsys.readouterr().err
     code = cli_main(

@@ -711,8 +711,13 @@ def tokenize_classification(
     text_pair_column: str | None = None,
     max_seq_length: int = 128,
     num_proc: int | None = None,
+    domain_column: str | None = None,
+    domain_ids: Mapping[str, int] | None = None,
 ):
     """Tokenise single sentences or sentence pairs and encode labels into a `labels` column.
+
+    With a `domain_column`, also a `domain_labels` column of domain ids (`domain_ids[value]`; see
+    `ptmoe.domains.setup_domains`).
 
     Args:
         raw_datasets (`datasets.DatasetDict`), tokenizer (`PreTrainedTokenizerBase`)
@@ -733,6 +738,8 @@ def tokenize_classification(
             _require_text(pair, "--text_pair_column", text_pair_column)
         encoded = tokenizer(batch[text_column], pair, truncation=True, max_length=max_seq_length)
         encoded["labels"] = [label_mapping.encode(value) for value in batch[label_column]]
+        if domain_column is not None:
+            encoded["domain_labels"] = [domain_ids[value] for value in batch[domain_column]]
         return encoded
 
     return raw_datasets.map(

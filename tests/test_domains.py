@@ -216,3 +216,16 @@ def test_forced_routing_for_every_router(tiny_bert_config, router_type):
     with model.route_to(3):  # by expert id
         out = model(ids, output_router_logits=True)
     assert all((index[..., 0] == 3).all() for index in out.expert_index)
+
+
+def test_finetune_classification_with_domain_column(named_checkpoints, tmp_path):
+    out = tmp_path / "cls"
+    metrics = load_script("finetune_classification").main([
+        "--model_name_or_path", named_checkpoints["bert"],
+        "--train_file", str(DATA / "domains_train.jsonl"), "--validation_file", str(DATA / "domains_test.jsonl"),
+        "--label_column", "domain", "--domain_column", "domain",
+        "--expert_names", "juridico,noticias,saude,informal", "--router_domain_loss_coef", "0.1",
+        "--output_dir", str(out), *FAST,
+    ])  # fmt: skip
+    assert "eval_accuracy" in metrics
+    assert "| juridico |" in (out / "domain_expert_load.md").read_text()

@@ -63,8 +63,8 @@ _LAZY_EXPORTS = {
     "add_router_telemetry": "telemetry",
     "routing_statistics": "telemetry",
     "plot_expert_load": "telemetry",
-    "domain_routing_statistics": "telemetry",
-    "plot_domain_load": "telemetry",
+    "domain_routing_statistics": "domains",
+    "plot_domain_load": "domains",
 }
 
 

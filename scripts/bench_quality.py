@@ -43,9 +43,15 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling
 
 import ptmoe
-from ptmoe.domains import domain_routing_loss, expert_indices
+from ptmoe.domains import (
+    DomainLoadAccumulator,
+    domain_load_table,
+    domain_purity,
+    domain_routing_loss,
+    expert_indices,
+    plot_domain_load,
+)
 from ptmoe.models.moe import count_parameters
-from ptmoe.telemetry import DomainLoadAccumulator, domain_load_table, domain_purity, plot_domain_load
 
 DATA = Path(ptmoe.__file__).parent / "data"
 UPCYCLE_VARIANTS = ("copy", "noise", "drop")

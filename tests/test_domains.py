@@ -12,16 +12,17 @@ from test_scripts import FAST, load_script, tiny_bert_kwargs
 from test_training import make_bert_tokenizer, make_t5_tokenizer
 
 import ptmoe
-from ptmoe.domains import domain_routing_loss, expert_indices
-from ptmoe.models.moe import expert_domain_ids, router_domain_loss
-from ptmoe.telemetry import (
+from ptmoe.domains import (
     DomainLoadAccumulator,
     domain_load_table,
     domain_purity,
+    domain_routing_loss,
     domain_routing_statistics,
+    expert_indices,
     plot_domain_load,
-    plot_expert_load,
 )
+from ptmoe.models.moe import expert_domain_ids, router_domain_loss
+from ptmoe.telemetry import plot_expert_load
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DATA = Path(__file__).resolve().parents[1] / "ptmoe" / "data"

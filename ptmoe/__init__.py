@@ -15,6 +15,7 @@ from .lora import (
     moe_layers,
     select_experts,
 )
+from .merging import merge_experts
 from .models.configuration_moe_bert import MoeBertConfig
 from .models.configuration_moe_t5 import MoeT5Config
 from .models.modeling_moe_bert import (
@@ -38,6 +39,7 @@ from .models.moe import (
     count_parameters,
     importance_loss,
     load_balancing_loss,
+    router_domain_loss,
     router_z_loss,
 )
 from .quantization import (
@@ -62,6 +64,8 @@ _LAZY_EXPORTS = {
     "add_router_telemetry": "telemetry",
     "routing_statistics": "telemetry",
     "plot_expert_load": "telemetry",
+    "domain_routing_statistics": "domains",
+    "plot_domain_load": "domains",
 }
 
 
@@ -94,6 +98,8 @@ __all__ = [
     "load_balancing_loss",
     "router_z_loss",
     "importance_loss",
+    "router_domain_loss",
+    "merge_experts",
     "MoeLayer",
     "moe_layers",
     "expert_lora_config",
@@ -122,4 +128,6 @@ __all__ = [
     "prune_wanda",
     "save_pruned",
     "PruningReport",
+    "domain_routing_statistics",
+    "plot_domain_load",
 ]

@@ -123,6 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_upcycle_arguments(upcycle)
     upcycle.set_defaults(func=run_upcycle_command)
 
+    # merge-experts: dense domain models → one MoE with named domain experts (ptmoe/merging.py)
+    from .merging import add_merge_arguments, run_merge_command
+
+    merge = commands.add_parser(
+        "merge-experts",
+        help="merge dense domain models into one MoE with an expert per domain (Branch-Train-MiX)",
+    )
+    add_merge_arguments(merge)
+    merge.set_defaults(func=run_merge_command)
+
     # ptmoe convert-switch SRC OUT: transformers SwitchTransformers checkpoint → MoE-T5 folder (ptmoe/convert.py).
     def _cmd_convert_switch(args: argparse.Namespace) -> int:
         from .convert import convert_switch_to_folder

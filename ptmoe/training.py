@@ -772,8 +772,13 @@ def tokenize_classification(
     text_pair_column: str | None = None,
     max_seq_length: int = 128,
     num_proc: int | None = None,
+    domain_column: str | None = None,
+    domain_ids: Mapping[str, int] | None = None,
 ):
     """Tokenise single sentences or sentence pairs and encode labels into a `labels` column.
+
+    With a `domain_column`, also a `domain_labels` column of domain ids (`domain_ids[value]`; see
+    `ptmoe.domains.setup_domains`).
 
     Args:
         raw_datasets (`datasets.DatasetDict`), tokenizer (`PreTrainedTokenizerBase`)
@@ -794,6 +799,8 @@ def tokenize_classification(
             _require_text(pair, "--text_pair_column", text_pair_column)
         encoded = tokenizer(batch[text_column], pair, truncation=True, max_length=max_seq_length)
         encoded["labels"] = [label_mapping.encode(value) for value in batch[label_column]]
+        if domain_column is not None:
+            encoded["domain_labels"] = [domain_ids[value] for value in batch[domain_column]]
         return encoded
 
     return raw_datasets.map(
@@ -867,6 +874,27 @@ def _concatenate_and_chunk(batch: Mapping[str, list], chunk_length: int) -> dict
     }
 
 
+def _encode_by_domain(
+    batch: Mapping[str, list], text_column: str, domain_column: str | None, domain_ids, encode: Callable
+) -> dict[str, list]:
+    """`encode(texts)` over the batch's texts; with a `domain_column`, once per domain (so that packed blocks never
+    mix domains) with a `domain_labels` column of domain ids (`domain_ids`: domain value → id)."""
+    if domain_column is None:
+        return encode([text for text in batch[text_column] if isinstance(text, str) and text.strip()])
+    groups: dict[Any, list[str]] = {}
+    for text, domain in zip(batch[text_column], batch[domain_column], strict=True):
+        if isinstance(text, str) and text.strip():
+            groups.setdefault(domain, []).append(text)
+    merged: dict[str, list] = {}
+    for domain, texts in groups.items():
+        rows = encode(texts)
+        for key, values in rows.items():
+            merged.setdefault(key, []).extend(values)
+        count = len(next(iter(rows.values()), []))
+        merged.setdefault("domain_labels", []).extend([domain_ids[domain]] * count)
+    return merged
+
+
 def tokenize_for_mlm(
     raw_datasets,
     tokenizer,
@@ -874,15 +902,21 @@ def tokenize_for_mlm(
     max_seq_length: int = 128,
     line_by_line: bool = False,
     num_proc: int | None = None,
+    domain_column: str | None = None,
+    domain_ids: Mapping[str, int] | None = None,
 ):
     """Token sequences for BERT masked-LM (`DataCollatorForLanguageModeling` then masks 15%).
 
     By default texts are tokenised with their special tokens, concatenated and cut into blocks of
-    `max_seq_length` (no padding is wasted); `line_by_line=True` keeps one (truncated) text per example.
+    `max_seq_length` (no padding is wasted); `line_by_line=True` keeps one (truncated) text per example. With a
+    `domain_column`, texts are packed per domain and every example gets `domain_labels` (`domain_ids[value]`; see
+    `ptmoe.domains.setup_domains`).
     """
 
     def encode(batch):
-        texts = [text for text in batch[text_column] if isinstance(text, str) and text.strip()]
+        return _encode_by_domain(batch, text_column, domain_column, domain_ids, encode_texts)
+
+    def encode_texts(texts):
         if line_by_line:
             return tokenizer(
                 texts, truncation=True, max_length=max_seq_length, return_special_tokens_mask=True
@@ -1096,11 +1130,16 @@ class DataCollatorForT5SpanCorruption:
             inputs.append(source)
             targets.append(target)
         input_ids = self._pad(inputs, self.tokenizer.pad_token_id)
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": (self._pad([[1] * len(s) for s in inputs], 0)).long(),
             "labels": self._pad(targets, -100),
         }
+        if "domain_labels" in examples[0]:  # per-text domain ids (`ptmoe.domains`): passed through
+            batch["domain_labels"] = torch.tensor(
+                [int(e["domain_labels"]) for e in examples], dtype=torch.long
+            )
+        return batch
 
 
 def tokenize_for_span_corruption(
@@ -1111,16 +1150,21 @@ def tokenize_for_span_corruption(
     noise_density: float = 0.15,
     mean_noise_span_length: float = 3.0,
     num_proc: int | None = None,
+    domain_column: str | None = None,
+    domain_ids: Mapping[str, int] | None = None,
 ):
     """Raw token blocks sized so that `DataCollatorForT5SpanCorruption` yields inputs of `max_seq_length` tokens.
 
     Texts are tokenised without special tokens (EOS is added after corruption), concatenated and cut into blocks
-    of the raw length given by `t5_span_corruption_lengths`.
+    of the raw length given by `t5_span_corruption_lengths`; per domain with a `domain_column` (as
+    `tokenize_for_mlm`).
     """
     raw_length, _ = t5_span_corruption_lengths(max_seq_length, noise_density, mean_noise_span_length)
 
     def encode(batch):
-        texts = [text for text in batch[text_column] if isinstance(text, str) and text.strip()]
+        return _encode_by_domain(batch, text_column, domain_column, domain_ids, encode_texts)
+
+    def encode_texts(texts):
         encoded = tokenizer(texts, add_special_tokens=False)
         return _concatenate_and_chunk({"input_ids": encoded["input_ids"]}, raw_length)
 

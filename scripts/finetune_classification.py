@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-from ptmoe import training
+from ptmoe import domains, training
 from ptmoe.errors import run_script
 
 
 @dataclass
-class ClassificationDataArguments(training.DataArguments):
+class ClassificationDataArguments(domains.DomainArguments, training.DataArguments):
     text_column: str = field(default="text", metadata={"help": "Column of the (first) sentence."})
     text_pair_column: str | None = field(
         default=None, metadata={"help": "Column of the second sentence of a pair (e.g. hypothesis)."}
@@ -80,6 +80,11 @@ def main(args: list[str] | None = None) -> dict:
 
     tokenizer = training.load_tokenizer(model_args)
     model = training.load_model(model_args, "sequence-classification", labels)
+    domain_ids = None
+    if data_args.domain_column:  # checks the column's values against the experts' names before tokenising
+        domain_ids = domains.setup_domains(
+            model, raw, data_args.domain_column, data_args.expert_names, data_args.router_domain_loss_coef
+        )
     max_seq_length = training.resolve_max_length(data_args.max_seq_length, model, tokenizer)
     with training_args.main_process_first(desc="tokenisation"):
         tokenized = training.tokenize_classification(
@@ -91,9 +96,12 @@ def main(args: list[str] | None = None) -> dict:
             text_pair_column=data_args.text_pair_column,
             max_seq_length=max_seq_length,
             num_proc=data_args.preprocessing_num_workers,
+            domain_column=data_args.domain_column,
+            domain_ids=domain_ids,
         )
 
-    trainer = Trainer(
+    trainer_class = domains.DomainRoutingTrainer if data_args.domain_column else Trainer
+    trainer = trainer_class(
         model=model,
         args=training_args,
         train_dataset=tokenized["train"] if do_train else None,
@@ -103,6 +111,8 @@ def main(args: list[str] | None = None) -> dict:
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=training.logits_to_predictions(data_args.task_type, bool(screening)),
     )
+    if data_args.domain_column:
+        domains.add_domain_telemetry(trainer)
     return training.train_evaluate_save(trainer, model_args, do_train, do_eval)
 
 

@@ -55,6 +55,13 @@ from ptmoe.models.moe import count_parameters
 
 DATA = Path(ptmoe.__file__).parent / "data"
 UPCYCLE_VARIANTS = ("copy", "noise", "drop")
+# `--router_variants`: other routers at the same active compute as top-2 (issue 18), all drop-upcycled (r = 0.5).
+ROUTER_VARIANTS = {
+    "drop expert-choice c=2": dict(method="drop", num_experts_per_tok=2, router_type="expert_choice",
+                                   expert_capacity_factor=2.0),
+    "drop hierarchical 2x top-2": dict(method="drop", num_experts_per_tok=2, router_type="hierarchical",
+                                       router_groups=2),
+}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -91,6 +98,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--learning_rate", type=float, default=2e-4)
     parser.add_argument("--pretrain_learning_rate", type=float, default=5e-4)
     parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument(
+        "--router_variants",
+        action="store_true",
+        help="upcycle: also expert-choice (capacity 2) and hierarchical (2 groups, top-2) routing, drop-upcycled",
+    )
     parser.add_argument("--moe_layers", type=int, default=2, help="every n-th layer is MoE")
     (
         parser.add_argument("--hidden", type=int, default=128),
@@ -351,19 +363,24 @@ def run_upcycle(args, dense, tokenizer, train_rows, held_out_rows, out: Path, de
         min(args.batch_size, len(eval_blocks)),
         99,
     )
-    variants = ["dense"] + [f"{method} top-{k}" for k in (2, 1) for method in UPCYCLE_VARIANTS]
+    variants = {"dense": None} | {
+        f"{method} top-{k}": dict(method=method, num_experts_per_tok=k)
+        for k in (2, 1)
+        for method in UPCYCLE_VARIANTS
+    }
+    if args.router_variants:
+        variants |= ROUTER_VARIANTS
     curves: dict[str, list[list[dict]]] = {name: [] for name in variants}
     params: dict[str, dict] = {}
     for seed in range(args.seeds):
         batches = make_batches(train_blocks, tokenizer, args.steps, args.batch_size, seed)
-        for name in variants:
-            if name == "dense":
+        for name, upcycling in variants.items():
+            if upcycling is None:
                 model = copy.deepcopy(dense)
             else:
-                method, k = name.split(" top-")
                 model = ptmoe.upcycle(
-                    dense, num_experts=args.experts, num_experts_per_tok=int(k), moe_layers=args.moe_layers,
-                    method=method, drop_ratio=0.5, seed=seed, progress=False,
+                    dense, num_experts=args.experts, moe_layers=args.moe_layers, drop_ratio=0.5, seed=seed,
+                    progress=False, **upcycling,
                 )  # fmt: skip
             counts = count_parameters(model, getattr(model.config, "num_experts_per_tok", None) or 1)
             params[name] = {**counts, "train_flops_per_token": training_flops_per_token(model)}

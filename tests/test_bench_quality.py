@@ -30,6 +30,19 @@ def test_quick_upcycle_writes_table_and_png(tmp_path):
     )
 
 
+def test_quick_router_variants_train_at_top2_compute(tmp_path):
+    result = load_script("bench_quality").main(
+        ["--quick", "--seeds", "1", "--router_variants", "--output_dir", str(tmp_path)]
+    )
+    for name in ("drop expert-choice c=2", "drop hierarchical 2x top-2"):
+        curve = result["curves"][name][0]
+        assert curve[-1]["step"] == 6 and curve[-1]["loss"] == curve[-1]["loss"]  # trained, finite
+        # same active compute as top-2 (capacity 2 / two experts per token), up to the group gate's few weights
+        assert result["params"][name]["active"] == pytest.approx(
+            result["params"]["drop top-2"]["active"], rel=0.01
+        )
+
+
 def test_quick_domains_writes_table_and_png(tmp_path):
     result = load_script("bench_quality").main(
         ["--quick", "--mode", "domains", "--seeds", "1", "--output_dir", str(tmp_path)]

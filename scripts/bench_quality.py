@@ -643,4 +643,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from ptmoe.errors import run_script
+
+    run_script(main)

@@ -4,6 +4,7 @@ Importing ptmoe registers every config and model with transformers' Auto classes
 """
 
 from .auto import register_auto_classes
+from .compress import PruningReport, prune_wanda, save_pruned
 from .convert import convert_switch_transformers
 from .lora import (
     MoeLayer,
@@ -14,6 +15,7 @@ from .lora import (
     moe_layers,
     select_experts,
 )
+from .merging import merge_experts
 from .models.configuration_moe_bert import MoeBertConfig
 from .models.configuration_moe_t5 import MoeT5Config
 from .models.modeling_moe_bert import (
@@ -37,6 +39,7 @@ from .models.moe import (
     count_parameters,
     importance_loss,
     load_balancing_loss,
+    router_domain_loss,
     router_z_loss,
 )
 from .quantization import (
@@ -63,6 +66,8 @@ _LAZY_EXPORTS = {
     "routing_statistics": "telemetry",
     "plot_expert_load": "telemetry",
     "distill": "compress.distillation",
+    "domain_routing_statistics": "domains",
+    "plot_domain_load": "domains",
 }
 
 
@@ -95,6 +100,8 @@ __all__ = [
     "load_balancing_loss",
     "router_z_loss",
     "importance_loss",
+    "router_domain_loss",
+    "merge_experts",
     "MoeLayer",
     "moe_layers",
     "expert_lora_config",
@@ -122,4 +129,9 @@ __all__ = [
     "add_router_telemetry",
     "routing_statistics",
     "plot_expert_load",
+    "prune_wanda",
+    "save_pruned",
+    "PruningReport",
+    "domain_routing_statistics",
+    "plot_domain_load",
 ]

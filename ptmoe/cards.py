@@ -602,6 +602,7 @@ def render_card(
     repo_id: str | None = None,
     training: str | None = None,
     template_path: str | os.PathLike | None = None,
+    energy: Any = None,
 ) -> str:
     r"""
     Render the model card (README.md text) of a zoo variant or of a trained checkpoint.
@@ -615,8 +616,16 @@ def render_card(
             entry's `hub_id`.
         training (`str`, *optional*): how the checkpoint was trained after upcycling (Markdown).
         template_path (`str`, *optional*): defaults to `model_cards/TEMPLATE.md` of the ptmoe checkout.
+        energy (`ptmoe.energy.EnergyReport` or its `to_dict()`, *optional*): training energy and CO₂e (codecarbon),
+            added to the training paragraph.
     """
     entry = zoo.get_model_info(entry) if isinstance(entry, str) else entry
+    if energy is not None:
+        from .energy import EnergyReport
+
+        if isinstance(energy, Mapping):
+            energy = EnergyReport(**{k: v for k, v in energy.items() if k != "cpu_power_mode_meaning"})
+        training = f"{training or UNRECORDED_TRAINING}\n\n{energy.markdown()}"
     results = as_eval_results(eval_results)
     counts = zoo.parameter_counts(entry, config=config)  # cached for a registered entry at full size
     config = config if config is not None else zoo.create_config(entry.name)
@@ -659,6 +668,7 @@ def card_for_model_dir(
     training: str | None = None,
     template_path: str | os.PathLike | None = None,
     license: str | None = None,
+    energy: Any = None,
 ) -> str:
     """Render the card of a saved ptmoe model folder (what `hub_upload prepare` writes when no card is given).
 
@@ -669,7 +679,8 @@ def card_for_model_dir(
     Args:
         model_dir (`str` or `os.PathLike`): the folder (with `config.json`).
         zoo_name (`str`, *optional*): the registry name this checkpoint is a version of.
-        repo_id, eval_results, training, template_path: as in `render_card`.
+        repo_id, eval_results, training, template_path, energy: as in `render_card`; without `energy`, the
+            folder's `energy.json` (written by the training scripts with `--report_to codecarbon`) is used if present.
         license (`str`, *optional*): the Hub licence of the checkpoint, when its dense source is not registered
             (otherwise the card says "other" and does not validate).
     """
@@ -694,8 +705,16 @@ def card_for_model_dir(
         entry = entry_from_config(config, name)
     if license is not None:
         entry = replace(entry, dense_license=license)
+    if energy is None and (model_dir / "energy.json").is_file():
+        energy = json.loads((model_dir / "energy.json").read_text(encoding="utf-8"))
     return render_card(
-        entry, eval_results, config=config, repo_id=repo_id, training=training, template_path=template_path
+        entry,
+        eval_results,
+        config=config,
+        repo_id=repo_id,
+        training=training,
+        template_path=template_path,
+        energy=energy,
     )
 
 

@@ -132,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_sparsify_arguments(sparsify)
     sparsify.set_defaults(func=run_sparsify_command)
 
+    # merge-experts: dense domain models → one MoE with named domain experts (ptmoe/merging.py)
+    from .merging import add_merge_arguments, run_merge_command
+
+    merge = commands.add_parser(
+        "merge-experts",
+        help="merge dense domain models into one MoE with an expert per domain (Branch-Train-MiX)",
+    )
+    add_merge_arguments(merge)
+    merge.set_defaults(func=run_merge_command)
+
     # ptmoe convert-switch SRC OUT: transformers SwitchTransformers checkpoint → MoE-T5 folder (ptmoe/convert.py).
     def _cmd_convert_switch(args: argparse.Namespace) -> int:
         from .convert import convert_switch_to_folder
@@ -154,6 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace a non-empty output folder (after a successful conversion)",
     )
     convert_switch.set_defaults(func=_cmd_convert_switch)
+
+    # ptmoe prune MODEL OUT --calibration FILE: Wanda pruning (ptmoe/compress/).
+    from .compress.prune_command import add_prune_arguments, run_prune_command
+
+    prune = commands.add_parser(
+        "prune", help="Wanda-prune a checkpoint (expert statistics from routed tokens)"
+    )
+    add_prune_arguments(prune)
+    prune.set_defaults(func=run_prune_command)
 
     # ptmoe demo: the offline end-to-end demo (ptmoe/demo.py).
     def _cmd_demo(args: argparse.Namespace) -> int:

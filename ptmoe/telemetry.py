@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -393,8 +393,12 @@ class RouterTelemetryCallback(TrainerCallback):
         self.totals = self._summarize(self._run_sums)
         if self.plot and state.is_world_process_zero and self.totals:
             output_dir = Path(args.output_dir)
+            model = kwargs.get("model")
             plot_expert_load(
-                self.totals, output_dir / self.heatmap_file, title=f"Expert load (step {state.global_step})"
+                self.totals,
+                output_dir / self.heatmap_file,
+                title=f"Expert load (step {state.global_step})",
+                expert_names=getattr(getattr(model, "config", None), "expert_names", None),
             )
             if self.history:
                 plot_load_std_curve(self.history, output_dir / self.curve_file)
@@ -516,7 +520,10 @@ def _save_figure(fig, path: str | Path) -> Path:
 
 
 def plot_expert_load(
-    stats: Mapping[str, Mapping[str, Any]], path: str | Path, title: str | None = None
+    stats: Mapping[str, Mapping[str, Any]],
+    path: str | Path,
+    title: str | None = None,
+    expert_names: Sequence[str] | None = None,
 ) -> Path:
     """Write a PNG heatmap of expert load: one row per MoE layer, one column per expert, colour = token share.
 
@@ -525,6 +532,8 @@ def plot_expert_load(
             `RouterTelemetryCallback.totals`).
         path (`str` or `Path`): PNG file to write (parent folders are created).
         title (`str`, *optional*): figure title.
+        expert_names (`list[str]`, *optional*): domain names of the experts (`config.expert_names`), shown under
+            the expert ids.
 
     Returns:
         The path written.
@@ -547,7 +556,8 @@ def plot_expert_load(
     fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * num_experts + 2.5), max(2.5, 0.45 * len(layers) + 1.5)))
     vmax = max(float(np.nanmax(grid)), 1.0 / num_experts)
     image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax)
-    ax.set_xticks(range(num_experts), [str(e) for e in range(num_experts)])
+    names = list(expert_names) if expert_names and len(expert_names) == num_experts else None
+    ax.set_xticks(range(num_experts), [f"{e}\n{names[e]}" if names else str(e) for e in range(num_experts)])
     ax.set_yticks(range(len(layers)), layers)
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")

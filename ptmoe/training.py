@@ -113,6 +113,17 @@ class ModelArguments:
             "--resume_from_checkpoint also allows it)."
         },
     )
+    energy_country_iso_code: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --report_to codecarbon: ISO 3166-1 alpha-3 code of the country whose grid powers this "
+            "machine (e.g. BRA); energy and CO2e are computed offline from it (ptmoe.energy)."
+        },
+    )
+    energy_region: str | None = field(
+        default=None,
+        metadata={"help": "With --report_to codecarbon: a region codecarbon knows (e.g. a US state)."},
+    )
 
     def __post_init__(self):
         # A missing local folder is named as such now, not as an invalid Hub id after the data was loaded.
@@ -336,6 +347,10 @@ def start_run(
     from transformers import set_seed
 
     model_args, data_args, training_args = parse_arguments(argument_types, args, defaults=defaults)
+    if "codecarbon" in (training_args.report_to or []):  # offline energy accounting: fail before any work
+        from .energy import check_codecarbon
+
+        check_codecarbon(model_args.energy_country_iso_code, model_args.energy_region)
     setup_logging(training_args)
     set_seed(training_args.seed)
     do_train, do_eval = resolve_do_train_eval(training_args)
@@ -757,8 +772,13 @@ def tokenize_classification(
     text_pair_column: str | None = None,
     max_seq_length: int = 128,
     num_proc: int | None = None,
+    domain_column: str | None = None,
+    domain_ids: Mapping[str, int] | None = None,
 ):
     """Tokenise single sentences or sentence pairs and encode labels into a `labels` column.
+
+    With a `domain_column`, also a `domain_labels` column of domain ids (`domain_ids[value]`; see
+    `ptmoe.domains.setup_domains`).
 
     Args:
         raw_datasets (`datasets.DatasetDict`), tokenizer (`PreTrainedTokenizerBase`)
@@ -779,6 +799,8 @@ def tokenize_classification(
             _require_text(pair, "--text_pair_column", text_pair_column)
         encoded = tokenizer(batch[text_column], pair, truncation=True, max_length=max_seq_length)
         encoded["labels"] = [label_mapping.encode(value) for value in batch[label_column]]
+        if domain_column is not None:
+            encoded["domain_labels"] = [domain_ids[value] for value in batch[domain_column]]
         return encoded
 
     return raw_datasets.map(
@@ -852,6 +874,27 @@ def _concatenate_and_chunk(batch: Mapping[str, list], chunk_length: int) -> dict
     }
 
 
+def _encode_by_domain(
+    batch: Mapping[str, list], text_column: str, domain_column: str | None, domain_ids, encode: Callable
+) -> dict[str, list]:
+    """`encode(texts)` over the batch's texts; with a `domain_column`, once per domain (so that packed blocks never
+    mix domains) with a `domain_labels` column of domain ids (`domain_ids`: domain value → id)."""
+    if domain_column is None:
+        return encode([text for text in batch[text_column] if isinstance(text, str) and text.strip()])
+    groups: dict[Any, list[str]] = {}
+    for text, domain in zip(batch[text_column], batch[domain_column], strict=True):
+        if isinstance(text, str) and text.strip():
+            groups.setdefault(domain, []).append(text)
+    merged: dict[str, list] = {}
+    for domain, texts in groups.items():
+        rows = encode(texts)
+        for key, values in rows.items():
+            merged.setdefault(key, []).extend(values)
+        count = len(next(iter(rows.values()), []))
+        merged.setdefault("domain_labels", []).extend([domain_ids[domain]] * count)
+    return merged
+
+
 def tokenize_for_mlm(
     raw_datasets,
     tokenizer,
@@ -859,15 +902,21 @@ def tokenize_for_mlm(
     max_seq_length: int = 128,
     line_by_line: bool = False,
     num_proc: int | None = None,
+    domain_column: str | None = None,
+    domain_ids: Mapping[str, int] | None = None,
 ):
     """Token sequences for BERT masked-LM (`DataCollatorForLanguageModeling` then masks 15%).
 
     By default texts are tokenised with their special tokens, concatenated and cut into blocks of
-    `max_seq_length` (no padding is wasted); `line_by_line=True` keeps one (truncated) text per example.
+    `max_seq_length` (no padding is wasted); `line_by_line=True` keeps one (truncated) text per example. With a
+    `domain_column`, texts are packed per domain and every example gets `domain_labels` (`domain_ids[value]`; see
+    `ptmoe.domains.setup_domains`).
     """
 
     def encode(batch):
-        texts = [text for text in batch[text_column] if isinstance(text, str) and text.strip()]
+        return _encode_by_domain(batch, text_column, domain_column, domain_ids, encode_texts)
+
+    def encode_texts(texts):
         if line_by_line:
             return tokenizer(
                 texts, truncation=True, max_length=max_seq_length, return_special_tokens_mask=True
@@ -1081,11 +1130,16 @@ class DataCollatorForT5SpanCorruption:
             inputs.append(source)
             targets.append(target)
         input_ids = self._pad(inputs, self.tokenizer.pad_token_id)
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": (self._pad([[1] * len(s) for s in inputs], 0)).long(),
             "labels": self._pad(targets, -100),
         }
+        if "domain_labels" in examples[0]:  # per-text domain ids (`ptmoe.domains`): passed through
+            batch["domain_labels"] = torch.tensor(
+                [int(e["domain_labels"]) for e in examples], dtype=torch.long
+            )
+        return batch
 
 
 def tokenize_for_span_corruption(
@@ -1096,16 +1150,21 @@ def tokenize_for_span_corruption(
     noise_density: float = 0.15,
     mean_noise_span_length: float = 3.0,
     num_proc: int | None = None,
+    domain_column: str | None = None,
+    domain_ids: Mapping[str, int] | None = None,
 ):
     """Raw token blocks sized so that `DataCollatorForT5SpanCorruption` yields inputs of `max_seq_length` tokens.
 
     Texts are tokenised without special tokens (EOS is added after corruption), concatenated and cut into blocks
-    of the raw length given by `t5_span_corruption_lengths`.
+    of the raw length given by `t5_span_corruption_lengths`; per domain with a `domain_column` (as
+    `tokenize_for_mlm`).
     """
     raw_length, _ = t5_span_corruption_lengths(max_seq_length, noise_density, mean_noise_span_length)
 
     def encode(batch):
-        texts = [text for text in batch[text_column] if isinstance(text, str) and text.strip()]
+        return _encode_by_domain(batch, text_column, domain_column, domain_ids, encode_texts)
+
+    def encode_texts(texts):
         encoded = tokenizer(texts, add_special_tokens=False)
         return _concatenate_and_chunk({"input_ids": encoded["input_ids"]}, raw_length)
 
@@ -1159,18 +1218,51 @@ def _first(predictions: Any) -> Any:
     return predictions[0] if isinstance(predictions, (tuple, list)) else predictions
 
 
-def logits_to_predictions(task_type: str = "classification") -> Callable:
+def logits_to_predictions(task_type: str = "classification", with_scores: bool = False) -> Callable:
     """A `preprocess_logits_for_metrics` keeping only class ids (or regression scores) during evaluation.
 
     MoE outputs carry router losses beside the logits; keeping only the predictions also spares the Trainer from
-    gathering full logits across processes.
+    gathering full logits across processes. With `with_scores` (binary screening metrics such as AWSS), each
+    example keeps `(class id, softmax probability of class 1)` as a `(batch, 2)` float tensor.
     """
 
     def preprocess(logits: Any, labels: torch.Tensor) -> torch.Tensor:
         logits = _first(logits)
-        return logits.squeeze(-1) if task_type == "regression" else logits.argmax(dim=-1)
+        if task_type == "regression":
+            return logits.squeeze(-1)
+        if with_scores:
+            return torch.stack(
+                [logits.argmax(dim=-1).float(), logits.float().softmax(dim=-1)[..., 1]], dim=-1
+            )
+        return logits.argmax(dim=-1)
 
     return preprocess
+
+
+SCREENING_METRICS = ("awss", "wss")
+
+
+def parse_screening_metrics(specs: Sequence[str] | None) -> list[tuple[str, float]]:
+    """`["awss@0.95", "wss@0.9"]` → `[("awss", 0.95), ("wss", 0.9)]` (the `--metric` values of binary tasks).
+
+    Raises:
+        ValueError: an unknown metric name, a missing `@recall`, or a recall level outside (0, 1].
+    """
+    parsed = []
+    for spec in specs or []:
+        name, _, level = str(spec).partition("@")
+        if name not in SCREENING_METRICS or not level:
+            raise ValueError(
+                f"--metric {spec!r}: use NAME@RECALL with NAME in {SCREENING_METRICS}, e.g. awss@0.95"
+            )
+        try:
+            recall = float(level)
+        except ValueError:
+            raise ValueError(f"--metric {spec!r}: the recall level {level!r} is not a number") from None
+        if not 0 < recall <= 1:
+            raise ValueError(f"--metric {spec!r}: the recall level must be in (0, 1], e.g. awss@0.95")
+        parsed.append((name, recall))
+    return parsed
 
 
 def _scalars(results: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -1182,14 +1274,23 @@ def _scalars(results: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
-def classification_metrics(label_mapping: LabelMapping, f1_average: str | None = None) -> Callable:
+def classification_metrics(
+    label_mapping: LabelMapping, f1_average: str | None = None, screening: Sequence[tuple[str, float]] = ()
+) -> Callable:
     """`compute_metrics` for sentence tasks, with the offline metric modules.
 
     Classification: `accuracy` and `f1` (binary for two classes, macro average otherwise, or `f1_average` when
     given, e.g. `"macro"` for ASSIN 2 RTE). Regression: `pearson` and `spearman` (module `pearson_spearman`) and
-    the mean squared error `mse`.
+    the mean squared error `mse`. `screening` (from `parse_screening_metrics`, binary tasks only) adds e.g.
+    `awss@0.95` computed on the probability of label id 1 (needs `logits_to_predictions(with_scores=True)`).
     """
     from .metrics import load_metric
+
+    if screening and (label_mapping.is_regression or label_mapping.num_labels != 2):
+        raise ValueError(
+            f"--metric {', '.join(f'{n}@{r:g}' for n, r in screening)} needs a binary classification task (label id 1 "
+            f"= relevant); this task has {'a regression target' if label_mapping.is_regression else str(label_mapping.num_labels) + ' labels'}"
+        )
 
     if label_mapping.is_regression:
         correlation = load_metric("pearson_spearman")
@@ -1206,11 +1307,20 @@ def classification_metrics(label_mapping: LabelMapping, f1_average: str | None =
     accuracy, f1 = load_metric("accuracy"), load_metric("f1")
     average = f1_average or ("binary" if label_mapping.num_labels == 2 else "macro")
 
+    screening_modules = {name: load_metric(name) for name in {name for name, _ in screening}}
+
     def compute(eval_prediction) -> dict[str, float]:
-        predictions = np.asarray(_first(eval_prediction.predictions)).reshape(-1)
+        predictions = np.asarray(_first(eval_prediction.predictions))
+        scores = None
+        if screening:  # (N, 2): class id, probability of label id 1
+            predictions, scores = predictions[..., 0].astype(np.int64), predictions[..., 1].reshape(-1)
+        predictions = predictions.reshape(-1)
         references = np.asarray(eval_prediction.label_ids).reshape(-1)
         results = _scalars(accuracy.compute(predictions=predictions, references=references))
         results.update(_scalars(f1.compute(predictions=predictions, references=references, average=average)))
+        for name, recall in screening:
+            value = screening_modules[name].compute(predictions=scores, references=references, recall=recall)
+            results[f"{name}@{recall:g}"] = float(value[name])
         return results
 
     return compute
@@ -1504,6 +1614,9 @@ def train_evaluate_save(
 ) -> dict:
     """Train, save the final model once, evaluate, and write `all_results.json` (main process only).
 
+    With `codecarbon` in `--report_to`, training energy is tracked offline (`ptmoe.energy`): `train_energy_kwh`,
+    `train_emissions_kg_co2e` and `train_energy_duration_s` join the metrics and `energy.json` the output folder.
+
     The model (or, with LoRA, the adapter) and the tokenizer are written to `args.output_dir` by
     `Trainer.save_model`, which writes on the main process only; with `--merge_lora` the merged model also goes to
     `<output_dir>/merged`. Router telemetry is attached when `--router_telemetry` is on and the model has MoE
@@ -1518,15 +1631,26 @@ def train_evaluate_save(
     Returns:
         `dict` of train and eval metrics.
     """
+    from .energy import use_offline_codecarbon, write_energy_report
     from .telemetry import add_router_telemetry, find_moe_blocks
 
     if model_args.router_telemetry and do_train and find_moe_blocks(trainer.model):
         add_router_telemetry(trainer)
+    energy = use_offline_codecarbon(
+        trainer,
+        getattr(model_args, "energy_country_iso_code", None),
+        getattr(model_args, "energy_region", None),
+    )
     metrics: dict[str, Any] = {}
     if do_train:
         result = trainer.train()
         train_metrics = dict(result.metrics)
         train_metrics["train_samples"] = len(trainer.train_dataset)
+        if energy is not None and energy.report is not None:  # kWh, kg CO2e, seconds (main process)
+            train_metrics.update(energy.report.metrics("train"))
+            if trainer.is_world_process_zero():
+                Path(trainer.args.output_dir).mkdir(parents=True, exist_ok=True)
+                write_energy_report(energy.report, Path(trainer.args.output_dir) / "energy.json")
         trainer.save_model()  # the final model (or adapter) + tokenizer, on the main process only
         trainer.log_metrics("train", train_metrics)
         trainer.save_metrics("train", train_metrics)
@@ -1616,6 +1740,7 @@ __all__ = [
     "ner_metrics",
     "parse_arguments",
     "parse_expert_list",
+    "parse_screening_metrics",
     "random_spans_noise_mask",
     "read_label_names",
     "resolve_do_train_eval",

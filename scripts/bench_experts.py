@@ -288,4 +288,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from ptmoe.errors import run_script
+
+    run_script(main)

@@ -34,6 +34,7 @@ from transformers import (
 )
 
 import ptmoe
+from ptmoe.energy import add_energy_arguments, finish_benchmark_energy, start_benchmark_energy
 
 BERT_BASE = dict(
     vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
@@ -285,7 +286,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--families", nargs="+", default=["bert", "t5"], choices=["bert", "t5"])
+    add_energy_arguments(parser)
     args = parser.parse_args(argv)
+    energy = start_benchmark_energy(args, parser)
     if args.quick:
         args.batch, args.seq, args.runs, args.warmup = 2, 16, 2, 1
     torch.set_num_threads(args.threads)
@@ -345,6 +348,7 @@ def main(argv: list[str] | None = None) -> None:
             f"(batch {min(args.batch, GENERATE_BATCH)}); a step reads {weights:.3f}x the weights of dense T5 "
             f"(a step bound only by memory traffic would run at {1 / weights:.3f}x its speed)"
         )
+    finish_benchmark_energy(energy)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ptmoe.energy import add_energy_arguments, finish_benchmark_energy, start_benchmark_energy
+
 BERT_BASE = dict(
     vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
 )
@@ -274,11 +276,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="load", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
+    add_energy_arguments(parser)
     args = parser.parse_args(argv)
 
     if args.child:
         print(json.dumps(child(args)))
         return
+    energy = start_benchmark_energy(args, parser)  # the machine's energy, children included
     if args.quick:
         args.batch, args.seq, args.runs, args.warmup, args.steps, args.train_batch = 2, 16, 3, 1, 2, 2
     shape = BERT_TINY if args.quick else BERT_BASE
@@ -303,6 +307,7 @@ def main(argv: list[str] | None = None) -> None:
             trains[variant] = run_child(variant, "train", args)
             print(f"  training {variant}: {trains[variant]['step_s']:.3f} s/step", flush=True)
     report(info, loads, speeds, trains)
+    finish_benchmark_energy(energy)
 
 
 if __name__ == "__main__":

@@ -168,6 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", nargs=2, metavar=("SHAPE", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--dense-dir", help=argparse.SUPPRESS)
     parser.add_argument("--save-dense", nargs=2, metavar=("SHAPE", "DIR"), help=argparse.SUPPRESS)
+    # = ptmoe.energy.add_energy_arguments, repeated: importing ptmoe at the top would weigh on the measured children
+    parser.add_argument(
+        "--report_to", choices=["none", "codecarbon"], default="none", help="codecarbon: energy/CO2e"
+    )
+    parser.add_argument(
+        "--energy_country_iso_code", help="with --report_to codecarbon: e.g. BRA (ISO alpha-3)"
+    )
+    parser.add_argument("--energy_region", help="with --report_to codecarbon: a region codecarbon knows")
     args = parser.parse_args(argv)
 
     if args.save_dense:
@@ -177,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_case(args.child[0], args.child[1], args.experts, args.dense_dir)))
         return 0
 
+    from ptmoe.energy import (
+        finish_benchmark_energy,
+        start_benchmark_energy,
+    )  # parent only: children stay light
+
+    energy = start_benchmark_energy(args, parser)  # the machine's energy, children included
     shapes = args.shapes or (["bert-tiny", "t5-tiny"] if args.quick else ["bert-base", "t5-base"])
     header = (
         f"{'shape':<10} {'method':<20} {'source':<7} {'time s':>7} {'peak MiB':>9} {'MoE MiB':>8} "
@@ -216,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{r['active_params']:>14,}",
                     flush=True,
                 )
+    finish_benchmark_energy(energy)
     return 0
 
 

@@ -13,6 +13,10 @@ The objective follows the checkpoint's architecture. Examples:
         --train_file corpus.txt --output_dir out/bertimbau-moe
     python scripts/train_mlm.py --model_name_or_path my-moe-t5 --dataset_name <hub corpus> --text_column text \\
         --noise_density 0.15 --mean_noise_span_length 3 --output_dir out/t5-span
+    # the "MiX" phase of a merged domain MoE (ptmoe merge-experts), routers supervised by the domain column
+    python scripts/train_mlm.py --model_name_or_path out/merged --train_file ptmoe/data/domains_train.jsonl \\
+        --validation_file ptmoe/data/domains_test.jsonl --domain_column domain --router_domain_loss_coef 0.1 \\
+        --line_by_line --output_dir out/mix
 """
 
 from __future__ import annotations
@@ -21,12 +25,12 @@ from dataclasses import dataclass, field
 
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-from ptmoe import training
+from ptmoe import domains, training
 from ptmoe.errors import run_script
 
 
 @dataclass
-class PretrainingDataArguments(training.DataArguments):
+class PretrainingDataArguments(domains.DomainArguments, training.DataArguments):
     text_column: str = field(default="text", metadata={"help": "Column of raw text (.txt files: 'text')."})
     line_by_line: bool = field(
         default=False,
@@ -52,6 +56,12 @@ def main(args: list[str] | None = None) -> dict:
     tokenizer = training.load_tokenizer(model_args)
     span_corruption = "t5" in training.load_config(model_args).model_type
     model = training.load_model(model_args, "span-corruption" if span_corruption else "masked-lm")
+    domain_ids = None
+    if data_args.domain_column:  # checks the column's values against the experts' names before tokenising
+        domain_ids = domains.setup_domains(
+            model, raw, data_args.domain_column, data_args.expert_names, data_args.router_domain_loss_coef
+        )
+    domain_kwargs = {"domain_column": data_args.domain_column, "domain_ids": domain_ids}
     max_seq_length = training.resolve_max_length(data_args.max_seq_length, model, tokenizer)
     with training_args.main_process_first(desc="tokenisation"):
         if span_corruption:
@@ -63,6 +73,7 @@ def main(args: list[str] | None = None) -> dict:
                 noise_density=data_args.noise_density,
                 mean_noise_span_length=data_args.mean_noise_span_length,
                 num_proc=data_args.preprocessing_num_workers,
+                **domain_kwargs,
             )
         else:
             tokenized = training.tokenize_for_mlm(
@@ -72,6 +83,7 @@ def main(args: list[str] | None = None) -> dict:
                 max_seq_length=max_seq_length,
                 line_by_line=data_args.line_by_line,
                 num_proc=data_args.preprocessing_num_workers,
+                **domain_kwargs,
             )
     if span_corruption:
         collator = training.DataCollatorForT5SpanCorruption(
@@ -80,7 +92,8 @@ def main(args: list[str] | None = None) -> dict:
     else:
         collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=data_args.mlm_probability)
 
-    trainer = Trainer(
+    trainer_class = domains.DomainRoutingTrainer if data_args.domain_column else Trainer
+    trainer = trainer_class(
         model=model,
         args=training_args,
         train_dataset=tokenized["train"] if do_train else None,
@@ -88,6 +101,8 @@ def main(args: list[str] | None = None) -> dict:
         processing_class=tokenizer,
         data_collator=collator,
     )
+    if data_args.domain_column:
+        domains.add_domain_telemetry(trainer)
     # Perplexity of the (de)noising objective; the loss includes the weighted router losses, which are small.
     return training.train_evaluate_save(trainer, model_args, do_train, do_eval, perplexity=True)
 

@@ -31,7 +31,9 @@ def metrics():
 
 
 def test_available_metrics():
-    assert available_metrics() == ["accuracy", "bleu", "f1", "pearson_spearman", "rouge", "seqeval"]
+    assert available_metrics() == [
+        "accuracy", "bleu", "f1", "pearson_spearman", "rouge", "seqeval", "awss", "wss"
+    ]  # fmt: skip
     for name in AVAILABLE_METRICS:
         path = metric_path(name)
         assert os.path.isabs(path)
@@ -61,6 +63,8 @@ inputs = {
     "seqeval": ([["B-PER", "O"]], [["B-PER", "O"]]),
     "rouge": (["um texto curto"], ["um texto"]),
     "bleu": (["um texto curto"], [["um texto curto"]]),
+    "awss": ([0.9, 0.2], [1, 0]),
+    "wss": ([0.9, 0.2], [1, 0]),
 }
 for name in AVAILABLE_METRICS:
     for metric in (load_metric(name), evaluate.load(metric_path(name))):

@@ -19,7 +19,9 @@ TASKS = {
     "entailment": ({"premise": str, "hypothesis": str, "label": int, "similarity": float}, 120, 40),
     "ner": ({"tokens": list, "ner_tags": list}, 100, 30),
     "summarization": ({"text": str, "summary": str}, 50, 15),
+    "domains": ({"text": str, "domain": str}, 224, 56),
 }
+DOMAINS = ("juridico", "noticias", "saude", "informal")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -102,6 +104,12 @@ def test_entailment_labels_and_similarity():
             if row["label"] == 1:
                 assert row["similarity"] >= 3.0  # entailment implies closely related sentences
             assert row["premise"] != row["hypothesis"]
+
+
+def test_domains_balanced():
+    """Four domains with 56 train / 14 test sentences each (the quick modes and tests rely on every domain)."""
+    for name, per_domain in (("train", 56), ("test", 14)):
+        assert Counter(row["domain"] for row in split("domains", name)) == dict.fromkeys(DOMAINS, per_domain)
 
 
 def test_ner_labels_file():

@@ -1,5 +1,32 @@
-"""Model compression for limited hardware: distillation (and, alongside, pruning)."""
+"""Model compression for limited hardware: pruning (Wanda) and, alongside, distillation.
 
+fp32/bf16 checkpoint ──► prune_wanda(model, calibration texts) ──► sparse weights ──► save ──► 4-bit load / LoRA
+"""
+
+from .calibration import CalibrationStats, calibration_sequences, collect_input_norms
 from .distillation import distill, distillation_loss, student_teacher_gap
+from .pruning import (
+    PruningReport,
+    nm_mask,
+    prunable_linears,
+    prune_wanda,
+    save_pruned,
+    wanda_mask,
+    wanda_scores,
+)
 
-__all__ = ["distill", "distillation_loss", "student_teacher_gap"]
+__all__ = [
+    "CalibrationStats",
+    "PruningReport",
+    "calibration_sequences",
+    "collect_input_norms",
+    "distill",
+    "distillation_loss",
+    "nm_mask",
+    "prunable_linears",
+    "prune_wanda",
+    "save_pruned",
+    "student_teacher_gap",
+    "wanda_mask",
+    "wanda_scores",
+]

@@ -22,7 +22,7 @@ from pathlib import Path
 METRICS_DIR = Path(__file__).resolve().parent
 
 #: Names accepted by `metric_path` and `load_metric`.
-AVAILABLE_METRICS = ("accuracy", "bleu", "f1", "pearson_spearman", "rouge", "seqeval")
+AVAILABLE_METRICS = ("accuracy", "bleu", "f1", "pearson_spearman", "rouge", "seqeval", "awss", "wss")
 
 __all__ = ["AVAILABLE_METRICS", "available_metrics", "load_metric", "metric_path"]
 

@@ -105,6 +105,8 @@ class MoeT5Config(MoeConfigMixin, T5Config):
         router_aux_loss_coef (`float`, defaults to 0.01): load-balancing loss coefficient.
         router_z_loss_coef (`float`, defaults to 0.001): router z-loss coefficient.
         router_importance_loss_coef (`float`, defaults to 0.0): importance (CV²) loss coefficient.
+        router_domain_loss_coef (`float`, defaults to 0.0): domain routing loss coefficient (`router_domain_loss`;
+            used by the training scripts with `--domain_column`).
         norm_topk_prob (`bool`, defaults to `True`): renormalise the k chosen weights to sum to 1 (`"topk"`).
         num_shared_experts (`int`, defaults to 0): always-active experts added to the routed ones.
         expert_intermediate_size (`int`, *optional*): expert FFN width (default `d_ff`).
@@ -118,6 +120,8 @@ class MoeT5Config(MoeConfigMixin, T5Config):
         router_init (`str`, defaults to `"normal"`): `"normal"` or `"zeros"`.
         output_router_logits (`bool`, defaults to `False`): return per-layer `router_logits` and `expert_index`.
         upcycled_from / upcycling_method / upcycling_seed: provenance written by `ptmoe.upcycle`.
+        expert_names (`list[str]`, *optional*): one domain name per expert (repeated for several experts of a
+            domain), written by `ptmoe.merge_experts`; `model.route_to(name)` and domain telemetry use them.
 
     Example:
 
@@ -151,6 +155,7 @@ class MoeT5Config(MoeConfigMixin, T5Config):
     router_aux_loss_coef: float | int = 0.01
     router_z_loss_coef: float | int = 0.001
     router_importance_loss_coef: float | int = 0.0
+    router_domain_loss_coef: float | int = 0.0
     norm_topk_prob: bool = True
     num_shared_experts: int = 0
     expert_intermediate_size: int | None = None
@@ -167,6 +172,7 @@ class MoeT5Config(MoeConfigMixin, T5Config):
     upcycled_from: str | None = None
     upcycling_method: str | None = None
     upcycling_seed: int | None = None
+    expert_names: list[str] | None = None
 
     def __post_init__(self, **kwargs):
         # `MoeT5Config(**t5_config.to_dict())` carries `model_type="t5"`, which would make the saved config a T5.

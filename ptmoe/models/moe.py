@@ -120,10 +120,22 @@ def validate_moe_fields(config) -> None:
         "router_aux_loss_coef",
         "router_z_loss_coef",
         "router_importance_loss_coef",
+        "router_domain_loss_coef",
     ):
         value = getattr(config, name)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
             raise ValueError(f"`{name}` must be a number >= 0, got {value!r}")
+    names = config.expert_names
+    if names is not None:
+        if (
+            not isinstance(names, (list, tuple))
+            or len(names) != config.num_experts
+            or not all(isinstance(n, str) and n.strip() for n in names)
+        ):
+            raise ValueError(
+                f"`expert_names` must be None or a list of {config.num_experts} non-empty strings (one domain name "
+                f"per expert, repeated for several experts of one domain), got {names!r}"
+            )
     if not isinstance(config.num_shared_experts, int) or config.num_shared_experts < 0:
         raise ValueError(f"`num_shared_experts` must be an integer >= 0, got {config.num_shared_experts!r}")
     shared_size = getattr(config, "shared_expert_intermediate_size", None)
@@ -398,6 +410,10 @@ class TopKRouter(nn.Module):
 
     learned = True
     expert_choice = False
+    # Expert ids this router may choose (forced routing, set by `force_experts` / `model.route_to`); None = all.
+    forced_experts: tuple[int, ...] | None = None
+    # Routers whose `forward` applies `allowed_mask`; the others refuse forced routing instead of ignoring it.
+    supports_forced_routing = True
 
     def __init__(
         self,
@@ -417,6 +433,32 @@ class TopKRouter(nn.Module):
         self.combine_weights = combine_weights
         self.top_p = top_p
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+
+    def force_experts(self, experts: Sequence[int] | None) -> None:
+        """Route every token only to `experts` (expert ids) from now on; `None` restores learned routing.
+
+        An explicit method, never called from `forward` (routers do not change their state while computing).
+        """
+        if experts is None:
+            self.forced_experts = None
+            return
+        if not self.supports_forced_routing:
+            raise ValueError(
+                f"forced routing is not supported by {type(self).__name__}: use router_type 'topk', 'switch', "
+                "'noisy_topk' or 'hash' for models whose experts are routed to by name"
+            )
+        experts = tuple(sorted({int(e) for e in experts}))
+        if not experts or not all(0 <= e < self.num_experts for e in experts):
+            raise ValueError(f"forced experts must be ids in 0..{self.num_experts - 1}, got {list(experts)}")
+        self.forced_experts = experts
+
+    def allowed_mask(self, device: torch.device) -> torch.Tensor | None:
+        """`(E,)` bool mask of the experts this router may choose, or None when routing is not forced."""
+        if self.forced_experts is None:
+            return None
+        allowed = torch.zeros(self.num_experts, dtype=torch.bool, device=device)
+        allowed[list(self.forced_experts)] = True
+        return allowed
 
     def router_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The fp32 router input, with Switch Transformer's multiplicative uniform jitter in training."""
@@ -457,8 +499,15 @@ class TopKRouter(nn.Module):
             input_ids (`torch.LongTensor` of shape `(B, S)`, *optional*): token ids (used by the hash router).
         """
         router_logits = self.compute_logits(hidden_states, input_ids)
-        router_probs = router_logits.softmax(dim=-1)
+        allowed = self.allowed_mask(router_logits.device)
+        if allowed is None:
+            router_probs = router_logits.softmax(dim=-1)
+        else:  # forced routing: the softmax (and so top-k) runs over the allowed experts only
+            router_probs = router_logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
         topk_weights, topk_index, dispatch_mask = self.select(router_probs, token_mask)
+        if allowed is not None:
+            # Slots that top-k filled with a probability-0 expert (fewer allowed experts than k) are not dispatched.
+            dispatch_mask = dispatch_mask & allowed[topk_index]
         return RouterOutput(
             router_logits=router_logits,
             router_probs=router_probs,
@@ -611,6 +660,8 @@ class ExpertChoiceRouter(TopKRouter):
     like any other router.
     """
 
+    supports_forced_routing = False  # its own forward: experts choose tokens / two-level gates
+
     expert_choice = True
 
     def __init__(self, hidden_size: int, num_experts: int, capacity_factor: float, jitter_noise: float = 0.0):
@@ -650,6 +701,8 @@ class HierarchicalRouter(TopKRouter):
     `norm_topk_prob`. `router_probs` is the full two-level distribution ``P(g) · P(e | g)`` over the E experts
     (`router_logits` its log). With one group this is exactly flat top-k routing.
     """
+
+    supports_forced_routing = False  # its own forward: experts choose tokens / two-level gates
 
     def __init__(
         self,
@@ -1000,6 +1053,58 @@ def importance_loss(
     importance = gates.sum(dim=0)  # (E,)
     mean = importance.mean()
     return ((importance - mean).pow(2).mean()) / (mean.pow(2) + 1e-10)
+
+
+def router_domain_loss(
+    router_logits: torch.Tensor,
+    domain_labels: torch.Tensor,
+    expert_domains: torch.Tensor,
+    token_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Domain supervision of a router: ``-log Σ_{e ∈ experts(d)} p_e(x)`` averaged over the tokens of labelled texts.
+
+    DEMix layers (Gururangan et al., "DEMix Layers: Disentangling Domains for Modular Language Modeling", NAACL 2022)
+    send every training token of domain d to the expert of d (deterministic routing by the domain label). This loss
+    is a soft version of that rule for a learned router (our formulation; the paper has no router to train): it
+    maximises the router probability mass on the experts named d, i.e. the log-likelihood of the domain under the
+    router, computed stably as ``logsumexp(logits) - logsumexp(logits of d's experts)``, so that the router routes by
+    domain at inference without a label. Multiply by ``router_domain_loss_coef``.
+
+    Args:
+        router_logits (`torch.Tensor` of shape `(B, S, E)`): pre-softmax router scores.
+        domain_labels (`torch.LongTensor` of shape `(B,)`): domain id of each sequence; -100 = no domain (ignored).
+        expert_domains (`torch.LongTensor` of shape `(E,)`): domain id of each expert (-1 = an expert of no domain).
+        token_mask (`torch.BoolTensor` of shape `(B, S)`, *optional*): True for real tokens.
+
+    Returns:
+        A scalar; 0 (with a gradient path) when no token has a domain.
+    """
+    logits = router_logits.float()  # (B, S, E)
+    labels = domain_labels.to(logits.device).long()  # (B,)
+    rows = labels.ne(-100).unsqueeze(-1).expand(logits.shape[:2])  # (B, S)
+    if token_mask is not None:
+        rows = rows & token_mask.to(rows.device).bool()
+    in_domain = expert_domains.to(logits.device).unsqueeze(0) == labels.clamp(min=0).unsqueeze(-1)  # (B, E)
+    if not bool(in_domain[labels.ne(-100)].any(dim=-1).all()):
+        raise ValueError(
+            "router_domain_loss: a domain label has no expert (every labelled domain needs >= 1 expert)"
+        )
+    domain_logits = logits.masked_fill(~in_domain.unsqueeze(1), float("-inf"))  # (B, S, E)
+    nll = torch.logsumexp(logits, dim=-1) - torch.logsumexp(domain_logits, dim=-1)  # (B, S)
+    if not bool(rows.any()):
+        return logits.sum() * 0.0
+    return nll[rows].mean()
+
+
+def domain_names(expert_names: Sequence[str]) -> list[str]:
+    """The distinct domains of `expert_names`, in order of first appearance (their index is the domain id)."""
+    return list(dict.fromkeys(expert_names))
+
+
+def expert_domain_ids(expert_names: Sequence[str]) -> torch.Tensor:
+    """`(E,)` domain id of each expert (the index of its name in `domain_names(expert_names)`)."""
+    names = domain_names(expert_names)
+    return torch.tensor([names.index(name) for name in expert_names], dtype=torch.long)
 
 
 @dataclass
@@ -1467,3 +1572,60 @@ class MoePreTrainedMixin:
     def from_pretrained(cls, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, refusing checkpoints whose experts or routers do not match."""
         return load_checked(super().from_pretrained, *args, **kwargs)
+
+    def experts_named(self, *domains: str) -> list[int]:
+        """The expert ids whose `config.expert_names` entry is one of `domains` (a `ValueError` naming unknowns)."""
+        names = self.config.expert_names
+        if not names:
+            raise ValueError(
+                "this model has no `expert_names` in its config: name the experts (ptmoe.merge_experts does, or set "
+                "config.expert_names to one domain name per expert) or pass expert ids to `route_to`"
+            )
+        unknown = [d for d in domains if d not in names]
+        if unknown:
+            raise ValueError(f"no expert is named {unknown}; the experts are named {domain_names(names)}")
+        return [e for e, name in enumerate(names) if name in domains]
+
+    def route_to(self, *domains: str | int | None) -> ForcedRouting:
+        """Force every MoE layer to route tokens only to the experts named `domains` (or to expert ids).
+
+        The router still weighs the allowed experts (top-k over them, renormalised as usual); with fewer allowed
+        experts than `num_experts_per_tok`, the extra slots are not dispatched. `model.route_to(None)` restores
+        learned routing; used as a context manager, the previous routing comes back on exit::
+
+            model.route_to("juridico")            # from now on
+            with model.route_to("saude", "informal"):
+                ...                                # only inside the block
+
+        Set by this explicit call (not inside `forward`); the setting is not saved with the model. A hash router
+        sends a token whose hashed expert is not allowed to the first allowed expert.
+        """
+        routers = [m for m in self.modules() if isinstance(m, TopKRouter)]
+        previous = [router.forced_experts for router in routers]
+        if domains == (None,) or not domains:
+            experts = None
+        elif all(isinstance(d, int) and not isinstance(d, bool) for d in domains):
+            experts = list(domains)
+        elif all(isinstance(d, str) for d in domains):
+            experts = self.experts_named(*domains)
+        else:
+            raise ValueError(
+                f"`route_to` takes domain names or expert ids (not both), or None; got {domains!r}"
+            )
+        for router in routers:
+            router.force_experts(experts)
+        return ForcedRouting(routers, previous)
+
+
+class ForcedRouting:
+    """Returned by `route_to`: a context manager that restores the routing in force before the call."""
+
+    def __init__(self, routers: list[TopKRouter], previous: list[tuple[int, ...] | None]):
+        self._routers, self._previous = routers, previous
+
+    def __enter__(self) -> ForcedRouting:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for router, experts in zip(self._routers, self._previous, strict=True):
+            router.force_experts(experts)

@@ -42,6 +42,19 @@ TINY_BERT = dict(
 )
 
 
+# The sibling modules `ptmoe/models/moe.py` re-exports: they travel with every saved checkpoint (trust_remote_code).
+MOE_PARTS = (
+    "moe_config.py",
+    "input_checks.py",
+    "routers.py",
+    "moe_block.py",
+    "router_losses.py",
+    "moe_params.py",
+    "moe_loading.py",
+    "moe_pretrained.py",
+)
+
+
 @pytest.fixture
 def tiny_bert_config():
     """Factory: `tiny_bert_config(**overrides)` → a tiny `MoeBertConfig`."""

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import BertTokenizer
 
 import ptmoe
+from conftest import MOE_PARTS
 from hub_upload import (
     STAMP_NAME,
     HubUploadError,
@@ -36,7 +37,7 @@ TINY = dict(
     num_experts=4,
     moe_layers=[1],
 )
-CODE_FILES = ("modeling_moe_bert.py", "configuration_moe_bert.py", "moe.py")
+CODE_FILES = ("modeling_moe_bert.py", "configuration_moe_bert.py", "moe.py", *MOE_PARTS)
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +145,12 @@ def test_verify_fails_on_edited_weights(verified_copy, model_dir):
 def test_verify_fails_on_missing_modeling_file(verified_copy, model_dir):
     (verified_copy / "moe.py").unlink()
     with pytest.raises(HubUploadError, match=r"moe\.py is missing \(imported by the model code\)"):
+        verify_folder(verified_copy, model_dir)
+
+
+def test_verify_fails_on_missing_part_of_moe(verified_copy, model_dir):
+    (verified_copy / "routers.py").unlink()  # imported by moe.py, which the modeling file imports
+    with pytest.raises(HubUploadError, match=r"routers\.py is missing \(imported by the model code\)"):
         verify_folder(verified_copy, model_dir)
 
 

@@ -1,4 +1,4 @@
-"""Routers, experts, the sparse block and the router losses (ptmoe/models/moe.py)."""
+"""Routers, experts, the sparse block and the router losses (ptmoe/models/routers.py, moe_block.py, router_losses.py)."""
 
 from __future__ import annotations
 

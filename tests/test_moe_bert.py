@@ -18,7 +18,7 @@ from transformers import (
 )
 
 import ptmoe
-from conftest import TINY_BERT, run_without_ptmoe
+from conftest import MOE_PARTS, TINY_BERT, run_without_ptmoe
 
 CLASSES = [
     (ptmoe.MoeBertModel, AutoModel),
@@ -322,6 +322,11 @@ def test_saved_folder_is_self_contained(tiny_bert_config, tmp_path):
     for target in auto_map.values():
         assert (tmp_path / (target.split(".")[0] + ".py")).exists()
     assert (tmp_path / "moe.py").exists()
+    # moe.py -> its parts (a second level of relative imports): every part is copied, and the list is complete
+    saved = {p.name for p in tmp_path.glob("*.py")}
+    assert set(MOE_PARTS) <= saved, set(MOE_PARTS) - saved
+    moe_imports = re.findall(r"^from \.(\w+) import", (tmp_path / "moe.py").read_text(), flags=re.MULTILINE)
+    assert {f"{name}.py" for name in moe_imports} == set(MOE_PARTS)
     for source in tmp_path.glob("*.py"):
         assert not re.search(r"^\s*(import|from) ptmoe", source.read_text(), flags=re.MULTILINE), source
 

@@ -24,6 +24,7 @@ from transformers import (
 )
 
 import ptmoe
+from conftest import MOE_PARTS
 from ptmoe import (
     MoeT5Config,
     MoeT5EncoderModel,
@@ -389,7 +390,7 @@ def test_save_load_and_auto_round_trip(tmp_path, model_class, auto_class):
     model.save_pretrained(tmp_path)
     files = set(os.listdir(tmp_path))
     assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
-    assert {"modeling_moe_t5.py", "configuration_moe_t5.py", "moe.py"} <= files
+    assert {"modeling_moe_t5.py", "configuration_moe_t5.py", "moe.py", *MOE_PARTS} <= files
     saved_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert saved_map["AutoModelForSeq2SeqLM"] == "modeling_moe_t5.MoeT5ForConditionalGeneration"
     assert saved_map["AutoModelForTextEncoding"] == "modeling_moe_t5.MoeT5EncoderModel"

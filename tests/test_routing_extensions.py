@@ -1,4 +1,4 @@
-"""Expert-choice routing, hierarchical routing and expert dropout (ptmoe/models/moe.py), end to end.
+"""Expert-choice routing, hierarchical routing and expert dropout (ptmoe/models/routers.py), end to end.
 
 References: Zhou et al. 2022 (expert choice: each expert takes its top-c tokens by softmax score), Jordan & Jacobs
 1994 (two-level gating: combine weight = group gate x expert gate), Fedus et al. 2021 (expert dropout).

@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_arguments(evaluate)
     evaluate.set_defaults(func=_cmd_evaluate)
 
-    # upcycle: dense BERT / RoBERTa / T5 checkpoint → MoE checkpoint (ptmoe/upcycling.py)
+    # upcycle: dense BERT / RoBERTa / T5 checkpoint → MoE checkpoint (ptmoe/upcycling/)
     from .upcycling import add_upcycle_arguments, run_upcycle_command
 
     upcycle = commands.add_parser(

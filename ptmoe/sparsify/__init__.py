@@ -1,12 +1,12 @@
 """Sparse inference from a dense model: split its FFNs into experts, fit routers, recover by distillation.
 
     dense BERT / T5 ──► ptmoe.upcycle(method="partition", partition="coactivation", num_shared_neurons=S,
-                                      combine_weights="ones", calibration=texts)       split (ptmoe/upcycling.py)
+                                      combine_weights="ones", calibration=texts)       split (ptmoe/upcycling/experts.py)
                     ──► ptmoe.fit_routers(model, texts)      routers predict each expert's activation mass
                     ──► ptmoe.distill(model, dense, texts)   layer-wise + output distillation (ptmoe/compress)
                     ──► ptmoe.sparsify.sparsify(...) / `ptmoe sparsify` do all three (and save)
 
-The split strategies live with the other expert initialisations in `ptmoe/upcycling.py`; this package holds
+The split strategies live with the other expert initialisations in `ptmoe/upcycling/experts.py`; this package holds
 what needs text: calibration statistics, router fitting and the one-call pipeline.
 """
 

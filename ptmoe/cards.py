@@ -486,7 +486,8 @@ def _usage_section(entry: ZooEntry, config, repo_id: str | None) -> str:
         f'tokenizer = AutoTokenizer.from_pretrained("{repo}")\n'
         f'model = {auto_class}.from_pretrained("{repo}", trust_remote_code=True)\n'
         f"{example}\n```\n\n"
-        "The modeling code (`modeling_*.py`, `configuration_*.py`, `moe.py`) ships in the repository and needs "
+        "The modeling code (`modeling_*.py`, `configuration_*.py` and the modules they import: `moe*.py`, `routers.py`, "
+        "`router_losses.py`, `input_checks.py`) ships in the repository and needs "
         "only torch and transformers. Read it before trusting it, and pin `revision=` to a commit you have read."
     )
     expert_modules = "wi_0|wi_1|wo" if getattr(config, "is_gated_act", False) else "wi|wo"
@@ -568,8 +569,8 @@ def _license_section(entry: ZooEntry) -> str:
         f"The weights derive from {_source_link(entry)}, released "
         f"under the `{entry.dense_license}` license, and are distributed under the same license. The license was "
         "copied from the dense source's Hub page when the registry entry was written: re-check it there before "
-        "publishing or reusing. The modeling files (`modeling_*.py`, `configuration_*.py`, `moe.py`) are ptmoe "
-        "code under Apache-2.0."
+        "publishing or reusing. The modeling files (`modeling_*.py`, `configuration_*.py`, `moe*.py`, `routers.py`, "
+        "`router_losses.py`, `input_checks.py`) are ptmoe code under Apache-2.0."
     )
 
 

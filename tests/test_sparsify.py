@@ -526,12 +526,15 @@ def test_top_p_bad_values():
 # 7. The benchmark's quick mode
 # --------------------------------------------------------------------------------------------------------------
 def test_bench_sparse_quick(tmp_path, capsys):
-    load_script("bench_sparse").main(["--quick", "--threads", "1", "--scratch", str(tmp_path)])
+    load_script("bench_sparse").main(["--quick", "--threads", "1", "--scratch", str(tmp_path), "--cost"])
     printed = capsys.readouterr().out
     for text in (
         "BERT (tiny) | int8 | 1/8 shared",
         "T5 encoder (tiny) | bf16 | 1/4 (E=8, k=2)",
         "| distilled |",
+        "MRR (kept)",
+        "| fit routers (5 steps per layer) |",
+        "**total for 2 distillation steps** (measured)",
     ):
         assert text in printed
 

@@ -311,8 +311,12 @@ def train(
     return curve
 
 
-def dense_checkpoint(args, train_rows: list[dict], out: Path):
-    """(dense BertForMaskedLM, tokenizer): `--dense`, or pre-trained here on the training text."""
+def dense_checkpoint(args, train_rows: list[dict], out: Path, held_out_rows: list[dict] | None = None):
+    """(dense BertForMaskedLM, tokenizer): `--dense`, or pre-trained here on the training text.
+
+    Pre-training records the held-out MLM loss every `--eval_every` steps (`dense/pretraining_curve.json`) and
+    prints where it ended: a seed still on the unigram plateau (loss near the unigram entropy) makes every later
+    comparison meaningless, so look at it before reading the tables."""
     from transformers import AutoTokenizer
 
     if args.dense:
@@ -335,9 +339,21 @@ def dense_checkpoint(args, train_rows: list[dict], out: Path):
     batches = make_batches(blocks, tokenizer, args.pretrain_steps, args.batch_size, seed=10_000)
     print(f"pre-training a dense BERT ({count_parameters(model, 1)['total']:,} parameters) for "
           f"{args.pretrain_steps} steps", flush=True)  # fmt: skip
-    train(model, batches, args.pretrain_learning_rate, label="dense pre-training")
+    eval_batches = None
+    if held_out_rows:
+        eval_blocks = pack(tokenizer, [r["text"] for r in held_out_rows], args.seq_len)
+        size = min(args.batch_size, len(eval_blocks))
+        eval_batches = make_batches(eval_blocks, tokenizer, max(1, len(eval_blocks) // size), size, 99)
+    curve = train(model, batches, args.pretrain_learning_rate, eval_batches, args.eval_every,
+                  label="dense pre-training")  # fmt: skip
     model.save_pretrained(out / "dense")
     tokenizer.save_pretrained(out / "dense")
+    if curve:
+        (out / "dense" / "pretraining_curve.json").write_text(json.dumps(curve, indent=1), encoding="utf-8")
+        print("dense pre-training, held-out MLM loss: " + ", ".join(
+            f"{point['step']}: {point['loss']:.3f}"
+            for point in curve[:: max(1, len(curve) // 10)] + ([] if (len(curve) - 1) % max(1, len(curve) // 10) == 0 else curve[-1:])
+        ), flush=True)  # fmt: skip
     return model.eval(), tokenizer
 
 
@@ -418,7 +434,8 @@ def upcycle_table(result: dict) -> str:
     dense_final = [c[-1] for c in curves["dense"]]
     lines = [
         f"Data: {result['data']}. {len(dense_final)} seeds, {dense_final[0]['step']} steps; mean ± std over seeds; "
-        "Δ = paired difference to dense (same seed, same batches).",
+        "Δ = paired difference to dense (same seed, same batches). The dense seed starts at held-out loss "
+        f"{curves['dense'][0][0]['loss']:.4f} (accuracy {curves['dense'][0][0]['accuracy']:.4f}).",
         "",
         "| model | active / total params | train FLOPs / token (× dense) | held-out loss | Δ loss vs dense "
         "[min, max] | held-out accuracy | wall time (× dense) | better than dense beyond seed spread? |",
@@ -634,7 +651,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     try:
         train_rows, held_out_rows, description = load_rows(args)
-        dense, tokenizer = dense_checkpoint(args, train_rows, out)
+        dense, tokenizer = dense_checkpoint(args, train_rows, out, held_out_rows)
         run = run_upcycle if args.mode == "upcycle" else run_domains
         return run(args, dense, tokenizer, train_rows, held_out_rows, out, description)
     except (ValueError, FileNotFoundError) as error:

@@ -216,6 +216,8 @@ def quality(args) -> None:
                 num_experts=7, num_experts_per_tok=1, num_shared_neurons=192
             ),
         }
+    if args.quality_variants != "both" and not args.quick:
+        variants = {n: v for n, v in variants.items() if ("shared" in n) == (args.quality_variants == "shared")}
     corpus = "synthetic sentences" if args.quick else args.corpus
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     dense = AutoModel.from_pretrained(checkpoint).eval()
@@ -351,6 +353,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", default=None, help="dense checkpoint folder (default: the package's)")
     parser.add_argument("--corpus", default="focalinux", help="ptmoe.corpora name (default focalinux)")
     parser.add_argument("--split", default="coactivation", choices=PARTITION_STRATEGIES)
+    parser.add_argument(
+        "--quality-variants", default="both", choices=["both", "plain", "shared"],
+        help="quality: E=8/k=2 (plain), shared neurons + E=7/k=1 (shared), or both",
+    )  # fmt: skip
     parser.add_argument("--train-sentences", type=int, default=10000)
     parser.add_argument("--heldout-sentences", type=int, default=500)
     parser.add_argument("--fit-steps", type=int, default=300)

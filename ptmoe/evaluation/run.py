@@ -142,10 +142,7 @@ def _load_dense(model_args: training.ModelArguments, task: str, labels: training
     model.accepts_loss_kwargs = False
     if model_args.tuning == "full":
         return model
-    module_names = {name for name, _ in model.named_modules()}
-    new_modules = sorted(
-        {key.rsplit(".", 1)[0] for key in loading_info.get("missing_keys", [])} & module_names
-    )
+    new_modules = training.new_module_names(model, loading_info)
     config = peft.LoraConfig(
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,

@@ -61,7 +61,15 @@ from .metrics import (
     parse_screening_metrics,
     seq2seq_metrics,
 )
-from .models import TASKS, add_expert_lora, load_config, load_model, load_tokenizer, resolve_max_length
+from .models import (
+    TASKS,
+    add_expert_lora,
+    load_config,
+    load_model,
+    load_tokenizer,
+    new_module_names,
+    resolve_max_length,
+)
 from .run import (
     is_peft_model,
     resolve_do_train_eval,
@@ -102,6 +110,7 @@ __all__ = [
     "limit_samples",
     "load_config",
     "load_model",
+    "new_module_names",
     "load_raw_datasets",
     "load_tokenizer",
     "logits_to_predictions",

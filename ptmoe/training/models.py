@@ -139,11 +139,15 @@ def load_model(model_args: ModelArguments, task: str, label_mapping: LabelMappin
         return model
     # Modules the checkpoint did not have (a new pooler or head) start random: with LoRA they must be trained and
     # saved with the adapter, or the adapter could not be reloaded onto the base checkpoint.
-    module_names = {name for name, _ in model.named_modules()}
-    new_modules = sorted(
-        {key.rsplit(".", 1)[0] for key in loading_info.get("missing_keys", [])} & module_names
-    )
+    new_modules = new_module_names(model, loading_info)
     return add_expert_lora(model, model_args, new_modules)
+
+
+def new_module_names(model, loading_info: dict) -> list[str]:
+    """Names of `model`'s modules whose weights the checkpoint lacked (`missing_keys` of `from_pretrained`'s loading
+    info): a new pooler or head, which starts random and must be trained and saved beside a LoRA adapter."""
+    module_names = {name for name, _ in model.named_modules()}
+    return sorted({key.rsplit(".", 1)[0] for key in loading_info.get("missing_keys", [])} & module_names)
 
 
 def add_expert_lora(model, model_args: ModelArguments, new_modules: Sequence[str] = ()):

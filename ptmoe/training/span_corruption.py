@@ -12,7 +12,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .tokenization import _concatenate_and_chunk, _encode_by_domain, _require_examples, _require_text
+from .tokenization import (
+    _concatenate_and_chunk,
+    _encode_by_domain,
+    _map_replacing_columns,
+    _require_examples,
+    _require_text,
+)
 
 
 def _span_counts(length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
@@ -237,13 +243,7 @@ def tokenize_for_span_corruption(
         encoded = tokenizer(texts, add_special_tokens=False)
         return _concatenate_and_chunk({"input_ids": encoded["input_ids"]}, raw_length)
 
-    tokenized = raw_datasets.map(
-        encode,
-        batched=True,
-        num_proc=num_proc,
-        remove_columns=raw_datasets["train"].column_names,
-        desc="Tokenising for span corruption",
-    )
+    tokenized = _map_replacing_columns(raw_datasets, encode, num_proc, "Tokenising for span corruption")
     _require_examples(tokenized, raw_length)
     return tokenized
 
@@ -270,10 +270,4 @@ def tokenize_seq2seq(
         )["input_ids"]
         return encoded
 
-    return raw_datasets.map(
-        encode,
-        batched=True,
-        num_proc=num_proc,
-        remove_columns=raw_datasets["train"].column_names,
-        desc="Tokenising source and target texts",
-    )
+    return _map_replacing_columns(raw_datasets, encode, num_proc, "Tokenising source and target texts")

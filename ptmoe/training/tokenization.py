@@ -59,13 +59,7 @@ def tokenize_classification(
             encoded["domain_labels"] = [domain_ids[value] for value in batch[domain_column]]
         return encoded
 
-    return raw_datasets.map(
-        encode,
-        batched=True,
-        num_proc=num_proc,
-        remove_columns=raw_datasets["train"].column_names,
-        desc="Tokenising sentences",
-    )
+    return _map_replacing_columns(raw_datasets, encode, num_proc, "Tokenising sentences")
 
 
 def tokenize_and_align_labels(
@@ -111,12 +105,13 @@ def tokenize_and_align_labels(
         encoded["labels"] = all_labels
         return encoded
 
+    return _map_replacing_columns(raw_datasets, encode, num_proc, "Tokenising and aligning tags")
+
+
+def _map_replacing_columns(raw_datasets, encode: Callable[[dict], dict], num_proc: int | None, desc: str):
+    """`raw_datasets.map(encode, batched=True)` keeping only the columns `encode` returns (the raw ones are removed)."""
     return raw_datasets.map(
-        encode,
-        batched=True,
-        num_proc=num_proc,
-        remove_columns=raw_datasets["train"].column_names,
-        desc="Tokenising and aligning tags",
+        encode, batched=True, num_proc=num_proc, remove_columns=raw_datasets["train"].column_names, desc=desc
     )
 
 
@@ -179,13 +174,7 @@ def tokenize_for_mlm(
             )
         return _concatenate_and_chunk(dict(tokenizer(texts, return_special_tokens_mask=True)), max_seq_length)
 
-    tokenized = raw_datasets.map(
-        encode,
-        batched=True,
-        num_proc=num_proc,
-        remove_columns=raw_datasets["train"].column_names,
-        desc="Tokenising for masked-LM",
-    )
+    tokenized = _map_replacing_columns(raw_datasets, encode, num_proc, "Tokenising for masked-LM")
     _require_examples(tokenized, max_seq_length)
     return tokenized
 

@@ -217,6 +217,13 @@ def make_batches(blocks: torch.Tensor, tokenizer, steps: int, batch_size: int, s
     return Batches(batch["input_ids"].view(shape), batch["labels"].view(shape))
 
 
+def held_out_batches(tokenizer, texts: list[str], seq_len: int, batch_size: int) -> Batches:
+    """Held-out texts as fixed MLM batches (seed 99: the same masks for every model and every evaluation)."""
+    blocks = pack(tokenizer, texts, seq_len)
+    size = min(batch_size, len(blocks))
+    return make_batches(blocks, tokenizer, max(1, len(blocks) // size), size, 99)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Training and evaluation
 # --------------------------------------------------------------------------------------------------------------
@@ -341,9 +348,9 @@ def dense_checkpoint(args, train_rows: list[dict], out: Path, held_out_rows: lis
           f"{args.pretrain_steps} steps", flush=True)  # fmt: skip
     eval_batches = None
     if held_out_rows:
-        eval_blocks = pack(tokenizer, [r["text"] for r in held_out_rows], args.seq_len)
-        size = min(args.batch_size, len(eval_blocks))
-        eval_batches = make_batches(eval_blocks, tokenizer, max(1, len(eval_blocks) // size), size, 99)
+        eval_batches = held_out_batches(
+            tokenizer, [r["text"] for r in held_out_rows], args.seq_len, args.batch_size
+        )
     curve = train(model, batches, args.pretrain_learning_rate, eval_batches, args.eval_every,
                   label="dense pre-training")  # fmt: skip
     model.save_pretrained(out / "dense")
@@ -371,13 +378,8 @@ def _fmt(values: list[float], digits: int = 3) -> str:
 # --------------------------------------------------------------------------------------------------------------
 def run_upcycle(args, dense, tokenizer, train_rows, held_out_rows, out: Path, description: str) -> dict:
     train_blocks = pack(tokenizer, [r["text"] for r in train_rows], args.seq_len)
-    eval_blocks = pack(tokenizer, [r["text"] for r in held_out_rows], args.seq_len)
-    eval_batches = make_batches(
-        eval_blocks,
-        tokenizer,
-        max(1, len(eval_blocks) // args.batch_size),
-        min(args.batch_size, len(eval_blocks)),
-        99,
+    eval_batches = held_out_batches(
+        tokenizer, [r["text"] for r in held_out_rows], args.seq_len, args.batch_size
     )
     variants = {"dense": None} | {
         f"{method} top-{k}": dict(method=method, num_experts_per_tok=k)
@@ -509,9 +511,8 @@ def run_domains(args, dense, tokenizer, train_rows, held_out_rows, out: Path, de
     }
     eval_input, eval_labels, eval_domains = [], [], []
     for d in domains:
-        eval_blocks = pack(tokenizer, [r["text"] for r in held_out_rows if r["domain"] == d], args.seq_len)
-        size = min(args.batch_size, len(eval_blocks))
-        batches = make_batches(eval_blocks, tokenizer, max(1, len(eval_blocks) // size), size, 99)
+        texts = [r["text"] for r in held_out_rows if r["domain"] == d]
+        batches = held_out_batches(tokenizer, texts, args.seq_len, args.batch_size)
         eval_input.append(batches.input_ids), eval_labels.append(batches.labels)
         eval_domains.append(torch.full(batches.input_ids.shape[:2], ids[d]))
     # one domain per held-out batch (batches of a domain are stacked), so per-domain numbers are exact

@@ -43,7 +43,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, T5Config, T5EncoderModel
 
 import ptmoe
-from ptmoe.sparsify.pipeline import active_ffn_share
+from ptmoe.sparsify.pipeline import active_ffn_share, sparsify
 from ptmoe.upcycling import PARTITION_STRATEGIES
 
 BERT_BASE = dict(
@@ -209,7 +209,14 @@ def quality(args) -> None:
         texts = load_real_corpus(
             args.corpus, max_sentences=args.train_sentences + args.heldout_sentences, seed=0
         )
-        train, heldout = texts[: args.train_sentences], texts[args.train_sentences :]
+        # Held-out sentences first: a corpus smaller than asked for (focalinux has 9,357) shortens training only.
+        heldout = texts[-args.heldout_sentences :] if args.heldout_sentences else []
+        train = texts[: len(texts) - len(heldout)][: args.train_sentences]
+        if not heldout or not train:
+            raise ValueError(
+                f"--corpus {args.corpus} has {len(texts)} sentences: too few for --heldout-sentences "
+                f"{args.heldout_sentences} and some training sentences"
+            )
         variants = {
             "1/4 (E=8, k=2)": dict(num_experts=8, num_experts_per_tok=2, num_shared_neurons=0),
             "1/4 shared (S=192, E=7, k=1)": dict(
@@ -217,7 +224,9 @@ def quality(args) -> None:
             ),
         }
     if args.quality_variants != "both" and not args.quick:
-        variants = {n: v for n, v in variants.items() if ("shared" in n) == (args.quality_variants == "shared")}
+        variants = {
+            n: v for n, v in variants.items() if ("shared" in n) == (args.quality_variants == "shared")
+        }
     corpus = "synthetic sentences" if args.quick else args.corpus
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     dense = AutoModel.from_pretrained(checkpoint).eval()
@@ -288,29 +297,29 @@ def cost(args) -> None:
     dense = BertModel(BertConfig(**{**shape, "vocab_size": len(tokenizer)})).eval()
     print(f"\n## Cost: BERT-{'tiny' if args.quick else 'base'} shape, {len(texts)} sentences ({args.corpus}), "
           f"{torch.get_num_threads()} threads")  # fmt: skip
+    steps = min(args.cost_distill_steps or args.distill_steps, args.distill_steps)
+    # `ptmoe sparsify`'s own pipeline (it also measures the agreement between steps, outside the timed parts).
+    _, report = sparsify(dense, texts, num_experts=8, num_experts_per_tok=2, split=args.split,
+                         fit_steps=args.fit_steps, distill_steps=steps, learning_rate=args.learning_rate,
+                         distill_batch_size=args.distill_batch, tokenizer=tokenizer, progress=False)  # fmt: skip
+    seconds = report["seconds"]
+    per_step = seconds["distill"] / steps
     print("| step | wall time |")
     print("|---|---|")
-    start = time.perf_counter()
-    model = ptmoe.upcycle(dense, method="partition", partition=args.split, moe_layers=1, combine_weights="ones",
-                          num_experts=8, num_experts_per_tok=2, calibration=texts, tokenizer=tokenizer,
-                          progress=False)  # fmt: skip
-    split_s = time.perf_counter() - start
-    print(f"| split ({args.split}, E=8, k=2) | {split_s:.1f} s |", flush=True)
-    start = time.perf_counter()
-    ptmoe.fit_routers(model, texts, steps=args.fit_steps, tokenizer=tokenizer, progress=False)
-    fit_s = time.perf_counter() - start
-    print(f"| fit routers ({args.fit_steps} steps per layer) | {fit_s:.1f} s |", flush=True)
-    steps = min(args.cost_distill_steps or args.distill_steps, args.distill_steps)
-    start = time.perf_counter()
-    ptmoe.distill(model, dense, texts, steps=steps, tokenizer=tokenizer, batch_size=args.distill_batch,
-                  learning_rate=args.learning_rate, progress=False)  # fmt: skip
-    distill_s = time.perf_counter() - start
-    per_step = distill_s / steps
-    print(f"| distil, {steps} steps of {args.distill_batch} sentences (measured) | {distill_s:.1f} s "
+    print(f"| split ({args.split}, E=8, k=2) | {seconds['split']:.1f} s |")
+    print(f"| fit routers ({args.fit_steps} steps per layer) | {seconds['fit_routers']:.1f} s |")
+    print(f"| distil, {steps} steps of {args.distill_batch} sentences (measured) | {seconds['distill']:.1f} s "
           f"({per_step:.2f} s/step) |")  # fmt: skip
-    total = split_s + fit_s + per_step * args.distill_steps
-    how = "measured" if steps == args.distill_steps else f"distillation extrapolated from {steps} measured steps"
-    print(f"| **total for {args.distill_steps} distillation steps** ({how}) | **{total / 60:.1f} min** |", flush=True)
+    total = seconds["split"] + seconds["fit_routers"] + per_step * args.distill_steps
+    how = (
+        "measured"
+        if steps == args.distill_steps
+        else f"distillation extrapolated from {steps} measured steps"
+    )
+    print(
+        f"| **total for {args.distill_steps} distillation steps** ({how}) | **{total / 60:.1f} min** |",
+        flush=True,
+    )
 
 
 def _quick_checkpoint(folder: Path, sentences: list[str]) -> Path:
@@ -363,9 +372,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--distill-steps", type=int, default=1000)
     parser.add_argument("--distill-batch", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
-    parser.add_argument("--cost", action="store_true", help="also time split + fit + distil at BERT-base shape")
     parser.add_argument(
-        "--cost-distill-steps", type=int, default=0, help="--cost: distillation steps timed (0 = --distill-steps)"
+        "--cost", action="store_true", help="also time split + fit + distil at BERT-base shape"
+    )
+    parser.add_argument(
+        "--cost-distill-steps",
+        type=int,
+        default=0,
+        help="--cost: distillation steps timed (0 = --distill-steps)",
     )
     parser.add_argument(
         "--scratch", default="/tmp/ptmoe-bench-sparse", help="--quick: where the tiny model goes"

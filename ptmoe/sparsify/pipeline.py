@@ -24,6 +24,7 @@ def active_ffn_share(config) -> float:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def agreement_with_dense(
     model: nn.Module, dense: nn.Module, texts: Sequence[str], tokenizer
 ) -> dict[str, float]:
@@ -72,6 +73,7 @@ def sparsify(
     fit_steps: int = 300,
     distill_steps: int = 200,
     learning_rate: float = 1e-4,
+    distill_batch_size: int = 8,
     heldout_fraction: float = 0.1,
     tokenizer=None,
     task: str | None = None,
@@ -88,6 +90,7 @@ def sparsify(
         moe_layers (defaults to 1 = every layer): which FFNs to split.
         fit_steps / distill_steps: router-fitting and distillation steps (0 skips distillation).
         learning_rate (`float`, defaults to 1e-4): distillation learning rate.
+        distill_batch_size (`int`, defaults to 8): texts per distillation step.
         tokenizer (*optional*): tokenizer for `calibration` (default: the dense checkpoint's).
         task (`str`, *optional*): which dense head to load (see `ptmoe.upcycle`).
         seed (`int`): seeds the split, the routers and distillation.
@@ -141,6 +144,7 @@ def sparsify(
             steps=distill_steps,
             tokenizer=tokenizer,
             learning_rate=learning_rate,
+            batch_size=distill_batch_size,
             seed=seed,
             progress=progress,
         )

@@ -16,7 +16,7 @@ other engines, which wrap a model after it is built:
   never single experts, and FSDP2 must reduce a zero gradient for experts a rank did not use
   (`reduce_unused_expert_gradients`, done automatically by `from_pretrained(distributed_config=...)`).
 
-Ready accelerate config files: `examples/accelerate/` (README "Beyond one machine").
+Ready accelerate config files: `examples/accelerate/` (docs/distributed.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Expert representation benchmark: today's per-expert `nn.ModuleList` against fused 3-D expert tensors.
 
-Evidence for the expert-parallelism decision (README "Beyond one machine"). transformers' expert parallelism
+Evidence for the expert-parallelism decision (docs/distributed.md). transformers' expert parallelism
 (`DistributedConfig(ep_size=…)`) shards a fused 3-D expert tensor (`up_proj [E, d_ff, d]`, `down_proj [E, d, d_ff]`)
 along its expert dimension and replaces the experts' forward; ptmoe keeps one `MoeExpert` of `nn.Linear`s per
 expert. This script measures, in one run and on the same weights and routing:

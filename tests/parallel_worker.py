@@ -206,7 +206,7 @@ def run_case(name: str, checkpoint: Path, mode: str, rank: int, out_dir: Path) -
 
 
 def _expert_parallel_refused(checkpoint: Path) -> bool:
-    """ptmoe declares no expert-parallel plan (README): `ep_size=2` must fail early and say so, not run unsharded."""
+    """No expert-parallel plan (docs/distributed.md): `ep_size=2` must fail early and say so, not run unsharded."""
     from transformers.distributed import DistributedConfig
 
     import ptmoe

@@ -18,9 +18,9 @@ import re
 import shlex
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -88,7 +88,9 @@ WORDS = (
     "nós tenho lhe deles essas esses pelas este fosse dele lei juiz contrato notícia governo saúde médico"
 ).split()
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-TINY_T5 = dict(vocab_size=99, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
+TINY_T5 = dict(
+    vocab_size=99, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0
+)
 
 
 def save_tiny_bert(folder: Path, seed: int = 0) -> None:
@@ -105,7 +107,9 @@ def save_tiny_bert(folder: Path, seed: int = 0) -> None:
         max_position_embeddings=64,
     )
     BertForMaskedLM(config).save_pretrained(folder)
-    BertTokenizer(vocab={token: i for i, token in enumerate(VOCAB)}, do_lower_case=False).save_pretrained(folder)
+    BertTokenizer(vocab={token: i for i, token in enumerate(VOCAB)}, do_lower_case=False).save_pretrained(
+        folder
+    )
 
 
 def save_tiny_t5(folder: Path) -> None:
@@ -122,7 +126,11 @@ def save_tiny_switch(folder: Path) -> None:
 
     torch.manual_seed(0)
     config = SwitchTransformersConfig(
-        **TINY_T5, num_decoder_layers=2, num_experts=8, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1
+        **TINY_T5,
+        num_decoder_layers=2,
+        num_experts=8,
+        num_sparse_encoder_layers=1,
+        num_sparse_decoder_layers=1,
     )
     SwitchTransformersForConditionalGeneration(config).save_pretrained(folder)
 
@@ -158,7 +166,9 @@ def moe_folder(tmp_path_factory, hub_cache) -> Path:
 
     folder = tmp_path_factory.mktemp("moe") / "bertimbau-moe-8x"
     source = hub_cache / "models--neuralmind--bert-base-portuguese-cased" / "snapshots" / ("0" * 40)
-    ptmoe.save_upcycled(ptmoe.upcycle(source, num_experts=8, num_experts_per_tok=2, moe_layers=2, seed=0), folder)
+    ptmoe.save_upcycled(
+        ptmoe.upcycle(source, num_experts=8, num_experts_per_tok=2, moe_layers=2, seed=0), folder
+    )
     return folder
 
 
@@ -268,7 +278,9 @@ def run_bash(block: Block, workdir: Path, env: dict[str, str]) -> None:
                 text=True,
                 timeout=120,
             )
-            assert result.returncode == 0, f"{block.where}: `{command}` failed:\n{result.stdout}\n{result.stderr}"
+            assert result.returncode == 0, (
+                f"{block.where}: `{command}` failed:\n{result.stdout}\n{result.stderr}"
+            )
 
 
 def page_blocks(path: Path) -> list[Block]:
@@ -283,7 +295,9 @@ def test_code_blocks_run(path, hub_cache, moe_folder, tmp_path, monkeypatch):
     blocks = page_blocks(path)
     for block in blocks:
         unknown = set(block.setups) - set(SETUPS)
-        assert not unknown, f"{block.where}: unknown doc-test setup {sorted(unknown)}; known: {sorted(SETUPS)}"
+        assert not unknown, (
+            f"{block.where}: unknown doc-test setup {sorted(unknown)}; known: {sorted(SETUPS)}"
+        )
     runnable = [block for block in blocks if block.skip is None]
     if not runnable:
         pytest.skip(f"no runnable block ({len(blocks)} marked skip)")
@@ -371,7 +385,10 @@ def links(path: Path) -> list[tuple[int, str]]:
 def test_github_anchor_rules():
     assert github_anchor("Forward throughput (`bench_forward`)") == "forward-throughput-bench_forward"
     assert github_anchor("Início rápido (português)") == "início-rápido-português"
-    assert github_anchor("Sparse inference: split → fit routers → distil") == "sparse-inference-split--fit-routers--distil"
+    assert (
+        github_anchor("Sparse inference: split → fit routers → distil")
+        == "sparse-inference-split--fit-routers--distil"
+    )
 
 
 @pytest.mark.parametrize("path", DOC_FILES, ids=lambda path: str(path.relative_to(ROOT)))
@@ -386,24 +403,33 @@ def test_relative_links_resolve(path):
         if not destination.exists():
             problems.append(f"{path.name}:{number}: {target} — no such file")
         elif anchor and destination.suffix == ".md" and anchor not in anchors(destination):
-            problems.append(f"{path.name}:{number}: {target} — no heading with anchor #{anchor} in {destination.name}")
+            problems.append(
+                f"{path.name}:{number}: {target} — no heading with anchor #{anchor} in {destination.name}"
+            )
     assert not problems, "\n".join(problems)
 
 
 def test_every_docs_page_is_in_the_index():
     index = (ROOT / "docs" / "README.md").read_text(encoding="utf-8")
-    missing = [path.name for path in DOC_FILES[1:] if path.name != "README.md" and f"]({path.name})" not in index]
+    missing = [
+        path.name for path in DOC_FILES[1:] if path.name != "README.md" and f"]({path.name})" not in index
+    ]
     assert not missing, f"docs/README.md does not link {missing}"
 
 
 def test_readme_length():
     lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
-    assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines; move detail to docs/ (limit {README_MAX_LINES})"
+    assert len(lines) <= README_MAX_LINES, (
+        f"README.md has {len(lines)} lines; move detail to docs/ (limit {README_MAX_LINES})"
+    )
 
 
 def test_readme_keeps_the_two_fresh_machine_commands():
     """.ci/run runs the README's test command; both commands must stay exactly as they are."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert 'pip install torch==2.13.0 && pip install -e ".[dev]" && HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 ptmoe demo' in readme
+    assert (
+        'pip install torch==2.13.0 && pip install -e ".[dev]" && HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 ptmoe demo'
+        in readme
+    )
     assert "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m pytest -q\n" in readme
     assert "python -m pytest -q" in (ROOT / ".ci" / "run").read_text()

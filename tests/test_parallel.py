@@ -175,7 +175,7 @@ def test_fsdp_step_checkpoint_reloads_in_one_process(fsdp_run, checkpoints, case
 
 
 def test_expert_parallelism_is_refused_with_the_reason(fsdp_run):
-    """No `base_model_ep_plan` (per-expert modules, see README): `ep_size=2` fails early naming the missing plan."""
+    """No `base_model_ep_plan` (per-expert modules, docs/distributed.md): `ep_size=2` fails early naming the plan."""
     results, _ = fsdp_run
     for rank in (0, 1):
         assert results[rank]["expert_parallel"]["refused_with_reason"] == 1.0

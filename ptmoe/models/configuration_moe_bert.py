@@ -90,7 +90,7 @@ class MoeBertConfig(MoeConfigMixin, BertConfig):
     # classification heads stay replicated: routers must see every hidden feature and decide the same on every rank.
     # The word embeddings (and the MLM decoder tied to them, `MoeBertForMaskedLM._tp_plan`) are split by vocabulary.
     # Rules naming modules a model does not have (dense layers of an all-MoE model, shared experts) are dropped when
-    # the model is built. Expert parallelism (`ep_size`) is not declared: see README "Beyond one machine".
+    # the model is built. Expert parallelism (`ep_size`) is not declared: see docs/distributed.md.
     base_model_tp_plan = {
         "embeddings.word_embeddings": "embedding_rowwise",
         "encoder.layer.*.attention.self.query": "colwise",

@@ -137,7 +137,7 @@ class MoeT5Config(MoeConfigMixin, T5Config):
     # transformers' distributed engine (`from_pretrained(..., distributed_config=DistributedConfig(tp_size=…,
     # fsdp_size=…))`) reads these plans. Rules naming modules a model does not have (the decoder of
     # `MoeT5EncoderModel`, dense FFNs of an all-MoE stack, gated or plain projections) are dropped when the model is
-    # built. Expert parallelism (`ep_size`) is not declared: see README "Beyond one machine".
+    # built. Expert parallelism (`ep_size`) is not declared: see docs/distributed.md.
     base_model_tp_plan = _t5_tensor_parallel_plan()
     # FSDP2: one unit per block (router and all its experts together, never one per expert: pytorch#126616); the
     # shared embedding and the LM head tied to it stay in the root unit.

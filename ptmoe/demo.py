@@ -26,7 +26,6 @@ from transformers import (
     BertConfig,
     BertForMaskedLM,
     BertForSequenceClassification,
-    BertTokenizerFast,
     DataCollatorForLanguageModeling,
     DataCollatorWithPadding,
     EvalPrediction,
@@ -138,29 +137,6 @@ def _stage(result: DemoResult, name: str):
     result.stages[name] = time.perf_counter() - start
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path) -> BertTokenizerFast:
-    """A cased WordPiece tokenizer (BERTimbau-style: accents kept) trained on `texts`."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False, clean_text=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece()
-    tokenizer.train_from_iterator(
-        texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special)
-    )
-    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
-    )
-    fast = BertTokenizerFast(tokenizer_object=tokenizer, do_lower_case=False)
-    fast.save_pretrained(out_dir)
-    return fast
-
-
 def _training_args(config: DemoConfig, out: Path, epochs: float, lr: float) -> TrainingArguments:
     """The Trainer arguments, parsed from flags by `ptmoe.training.parse_arguments` exactly as the scripts do."""
     flags = {
@@ -263,7 +239,7 @@ def _run_stages(config: DemoConfig, out: Path, final_out: Path) -> DemoResult:
     labels = training.build_label_mapping(sentiment, "label")
 
     with _stage(result, "1. tokenizer (WordPiece on the shipped corpus)"):
-        tokenizer = train_tokenizer(corpus, config.vocab_size, out / "tokenizer")
+        tokenizer = training.train_tokenizer(corpus, config.vocab_size, out / "tokenizer")
         print(f"vocabulary: {len(tokenizer)} tokens")
 
     with _stage(result, "2. dense BERT: brief MLM pre-training"):

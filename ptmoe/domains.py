@@ -25,8 +25,11 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from .calibration import move_to
 from .models.moe import domain_names, expert_domain_ids, router_domain_loss
-from .telemetry import _all_reduce_vectors, _move_to, _save_figure, find_moe_blocks
+from .outputs import save_figure
+from .parallel import all_reduce_vectors
+from .telemetry import find_moe_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -358,7 +361,7 @@ def plot_domain_load(
                 )
         fig.colorbar(image, ax=ax, label="share of tokens")
     fig.suptitle(title or "Expert load per domain (rows sum to 1)", fontsize=10)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def domain_routing_statistics(
@@ -399,7 +402,7 @@ def domain_routing_statistics(
                 if "domain_labels" not in batch:
                     raise ValueError("every batch needs `domain_labels` (one domain id per sequence)")
                 labels = batch.pop("domain_labels")
-                outputs = model(**_move_to(batch, device), output_router_logits=True)
+                outputs = model(**move_to(batch, device), output_router_logits=True)
                 accumulator.update(expert_indices(outputs), torch.as_tensor(labels))
     finally:
         model.train(was_training)
@@ -438,7 +441,7 @@ class DomainLoadCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         counts = self.accumulator.counts
-        reduced = _all_reduce_vectors({"counts": counts.flatten()}, args.device)["counts"]
+        reduced = all_reduce_vectors({"counts": counts.flatten()}, args.device)["counts"]
         self.accumulator.counts = reduced.view_as(counts)
         self.summary = self.accumulator.summary(self.expert_names)
         if state.is_world_process_zero and self.accumulator.counts.sum() > 0:

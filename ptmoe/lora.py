@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .calibration import moe_blocks
+
 if TYPE_CHECKING:
     from peft import LoraConfig, PeftModel
 
@@ -75,11 +77,6 @@ def _transformers_model(model: nn.Module) -> nn.Module:
     return get_base_model() if callable(get_base_model) else model
 
 
-def _is_moe_block(module: nn.Module) -> bool:
-    # Duck-typed so that classes loaded with `trust_remote_code` (other class objects) are recognised too.
-    return hasattr(module, "router") and isinstance(getattr(module, "experts", None), nn.ModuleList)
-
-
 def moe_layers(model: nn.Module) -> list[MoeLayer]:
     """The MoE layers of a ptmoe model (or of a `PeftModel` wrapping one), in module order.
 
@@ -87,12 +84,9 @@ def moe_layers(model: nn.Module) -> list[MoeLayer]:
         model (`nn.Module`): a ptmoe model, possibly wrapped by PEFT.
     """
     model = _transformers_model(model)
-    named = list(model.named_modules())
-    seq2seq = any(_DECODER_STACK.fullmatch(name) for name, _ in named)
+    seq2seq = any(_DECODER_STACK.fullmatch(name) for name, _ in model.named_modules())
     layers = []
-    for name, module in named:
-        if not _is_moe_block(module):
-            continue
+    for name, module in moe_blocks(model).items():
         match = _STACK_LAYER.search(f"{name}.")
         if match is None:
             raise ValueError(f"Cannot tell the stack and layer index of the MoE block {name!r}")

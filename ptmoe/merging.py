@@ -28,14 +28,15 @@ from collections.abc import Mapping, Sequence
 import torch
 from transformers import AutoConfig, PreTrainedModel
 
+from .calibration import load_tokenizer
 from .models.moe import count_parameters, domain_names
+from .outputs import check_output_dir
 from .upcycling import (
     FAMILIES,
-    _assign,
-    _import,
-    _initialise_remaining,
-    _layers_argument,
-    check_output_dir,
+    assign_tensors,
+    import_class,
+    initialise_remaining,
+    layers_argument,
     router_keys,
     save_upcycled,
     upcycle,
@@ -88,7 +89,7 @@ def _as_moe_model(
             class_name = (config.architectures or [None])[0]
             if class_name is None:
                 raise ValueError(f"source {domain!r} ({path}) records no `architectures` in its config.json")
-            model_class = _import(FAMILIES[family].modeling_module, class_name)
+            model_class = import_class(FAMILIES[family].modeling_module, class_name)
             return model_class.from_pretrained(path, **load_kwargs).eval()
         return upcycle(
             path,
@@ -183,12 +184,10 @@ def _expert_shapes(model: PreTrainedModel) -> dict[str, tuple]:
 
 def _check_tokenizers(sources: Mapping[str, object]) -> None:
     """Sources given as paths with a tokenizer must share its vocabulary (the error names the differing token)."""
-    from .upcycling import _source_tokenizer
-
     vocabularies = {}
     for name, source in sources.items():
         if isinstance(source, (str, os.PathLike)):
-            tokenizer = _source_tokenizer(os.fspath(source))
+            tokenizer = load_tokenizer(source)
             if tokenizer is not None:
                 vocabularies[name] = tokenizer.get_vocab()
     if len(vocabularies) < 2:
@@ -362,8 +361,8 @@ def merge_experts(
             )
         tensors[key] = tensor
     reference = next(iter(first.parameters()))
-    _assign(merged, tensors)
-    _initialise_remaining(merged, reference.device, reference.dtype, seed)
+    assign_tensors(merged, tensors)
+    initialise_remaining(merged, reference.device, reference.dtype, seed)
     leftover = [name for name, t in (*merged.named_parameters(), *merged.named_buffers()) if t.is_meta]
     if leftover:
         raise RuntimeError(f"merge_experts left tensors on the meta device: {leftover[:8]}")
@@ -404,7 +403,7 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--top-k", type=int, default=None, help="experts per token (default 2)")
     parser.add_argument(
-        "--moe-layers", type=_layers_argument, default=1, help="every n-th layer (1) or a list"
+        "--moe-layers", type=layers_argument, default=1, help="every n-th layer (1) or a list"
     )
     parser.add_argument("--router", choices=("topk", "switch", "noisy_topk", "hash"), default="topk")
     parser.add_argument("--router-init", choices=("normal", "zeros"), default="normal")

@@ -95,4 +95,16 @@ def staged_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> It
         raise
 
 
-__all__ = ["check_output_dir", "staged_output_dir"]
+def save_figure(fig, path: str | Path) -> Path:
+    """Write `fig` as a PNG at `path` (parent folders created) and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["check_output_dir", "save_figure", "staged_output_dir"]

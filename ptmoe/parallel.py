@@ -21,6 +21,7 @@ Ready accelerate config files: `examples/accelerate/` (docs/distributed.md).
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .models.moe import SparseMoeBlock, reduce_unused_expert_gradients
@@ -95,8 +96,28 @@ def fsdp_layer_class_names(model: nn.Module) -> list[str]:
     return [FSDP_LAYER_CLASS_NAMES[model_type]]
 
 
+def all_reduce_vectors(vectors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Sum each named vector over data-parallel ranks (a no-op without an initialised process group).
+
+    Every rank must call this at the same event: it is a collective operation.
+    """
+    if not (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    ):
+        return vectors
+    names = list(vectors)
+    sizes = [vectors[name].numel() for name in names]
+    # gloo reduces CPU tensors, nccl CUDA tensors: `device` is the Trainer's device for this rank.
+    flat = torch.cat([vectors[name] for name in names]).to(device)
+    torch.distributed.all_reduce(flat)
+    return dict(zip(names, flat.cpu().double().split(sizes), strict=True))
+
+
 __all__ = [
     "ACCELERATE_MOE_LAYER_CLS_NAMES",
+    "all_reduce_vectors",
     "FSDP_LAYER_CLASS_NAMES",
     "fsdp_layer_class_names",
     "moe_leaf_module_classes",

@@ -51,7 +51,10 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from .calibration import moe_blocks, move_to
 from .models.moe import RouterOutput, SparseMoeBlock, layer_router_losses
+from .outputs import save_figure
+from .parallel import all_reduce_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +96,7 @@ def find_moe_blocks(model: nn.Module) -> dict[str, SparseMoeBlock]:
     Args:
         model (`nn.Module`): a ptmoe model, possibly wrapped.
     """
-    paths = [(path, module) for path, module in model.named_modules() if isinstance(module, SparseMoeBlock)]
+    paths = list(moe_blocks(model).items())
     stacks = {m.group(1) for path, _ in paths if (m := _STACK_PATTERN.search(path))}
     two_stacks = len(stacks) > 1
     blocks: dict[str, SparseMoeBlock] = {}
@@ -250,25 +253,6 @@ class RoutingAccumulator:
         }
 
 
-def _all_reduce_vectors(vectors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """Sum each layer's vector over data-parallel ranks (a no-op without an initialised process group).
-
-    Every rank must call this at the same event: it is a collective operation.
-    """
-    if not (
-        torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-        and torch.distributed.get_world_size() > 1
-    ):
-        return vectors
-    names = list(vectors)
-    sizes = [vectors[name].numel() for name in names]
-    # gloo reduces CPU tensors, nccl CUDA tensors: `device` is the Trainer's device for this rank.
-    flat = torch.cat([vectors[name] for name in names]).to(device)
-    torch.distributed.all_reduce(flat)
-    return dict(zip(names, flat.cpu().double().split(sizes), strict=True))
-
-
 def batch_replicas(model: nn.Module) -> int:
     """How many ranks process the same batch: the tensor-parallel size of a model sharded by transformers'
     `from_pretrained(..., distributed_config=DistributedConfig(tp_size=…))` (1 otherwise, FSDP and DDP included).
@@ -406,7 +390,7 @@ class RouterTelemetryCallback(TrainerCallback):
     # -- helpers -----------------------------------------------------------------------------------------------
     def _flush(self, args: TrainingArguments) -> dict[str, dict[str, Any]]:
         """Statistics since the previous flush, summed over ranks; adds them to the whole-run totals."""
-        vectors = _all_reduce_vectors(self._accumulator.vectors(), args.device)
+        vectors = all_reduce_vectors(self._accumulator.vectors(), args.device)
         if self._replicas > 1:  # tensor-parallel ranks routed the same batch: count it once
             vectors = {name: sums / self._replicas for name, sums in vectors.items()}
         self._accumulator.reset()
@@ -460,14 +444,6 @@ def add_router_telemetry(trainer, callback: RouterTelemetryCallback | None = Non
 # --------------------------------------------------------------------------------------------------------------
 # Offline statistics and plots
 # --------------------------------------------------------------------------------------------------------------
-def _move_to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Mapping):
-        return {key: _move_to(value, device) for key, value in batch.items()}
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    return batch
-
-
 def routing_statistics(
     model: nn.Module, dataloader: Iterable[Mapping[str, Any]], max_batches: int | None = None
 ) -> dict[str, dict[str, Any]]:
@@ -500,23 +476,11 @@ def routing_statistics(
             for step, batch in enumerate(dataloader):
                 if max_batches is not None and step >= max_batches:
                     break
-                model(**_move_to(batch, device))
+                model(**move_to(batch, device))
     finally:
         accumulator.remove()
         model.train(was_training)
     return accumulator.summary()
-
-
-def _save_figure(fig, path: str | Path) -> Path:
-    """Write `fig` as a PNG at `path` (parent folders created) and free it."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def plot_expert_load(
@@ -574,7 +538,7 @@ def plot_expert_load(
     ax.set_title(
         f"{title or 'Expert load per MoE layer'}\n(balanced = 1/{num_experts} = {1.0 / num_experts:.3f})"
     )
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_load_std_curve(history: list[Mapping[str, Any]], path: str | Path) -> Path:
@@ -602,7 +566,7 @@ def plot_load_std_curve(history: list[Mapping[str, Any]], path: str | Path) -> P
     ax.set_ylabel("std of expert load")
     ax.set_title("Load imbalance per MoE layer (0 = balanced)")
     ax.legend(fontsize=7, ncols=2)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 __all__ = [

@@ -72,7 +72,7 @@ def train_model(sizes: dict, train_lines: list[str], workdir: Path, seed: int = 
         set_seed,
     )
 
-    from ptmoe.demo import train_tokenizer
+    from ptmoe.training import train_tokenizer
 
     def training_args(out: str, epochs: float, learning_rate: float) -> TrainingArguments:
         return TrainingArguments(

@@ -328,7 +328,7 @@ def dense_checkpoint(args, train_rows: list[dict], out: Path, held_out_rows: lis
 
     if args.dense:
         return BertForMaskedLM.from_pretrained(args.dense).eval(), AutoTokenizer.from_pretrained(args.dense)
-    from ptmoe.demo import train_tokenizer
+    from ptmoe.training import train_tokenizer
 
     tokenizer = train_tokenizer([r["text"] for r in train_rows], args.vocab_size, out / "dense" / "tokenizer")
     config = BertConfig(

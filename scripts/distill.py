@@ -23,9 +23,9 @@ from transformers import (
 
 import ptmoe
 from ptmoe import training
+from ptmoe.calibration import load_texts
 from ptmoe.compress.distillation import _TextDataset, check_teacher, distillation_trainer
 from ptmoe.errors import run_script
-from ptmoe.sparsify.data import load_texts
 
 
 @dataclass

@@ -9,7 +9,8 @@ from torch import nn
 
 import ptmoe
 from conftest import TINY_BERT, run_without_ptmoe
-from ptmoe.compress import collect_input_norms, nm_mask, prune_wanda, save_pruned, wanda_mask, wanda_scores
+from ptmoe.calibration import collect_input_norms
+from ptmoe.compress import nm_mask, prune_wanda, save_pruned, wanda_mask, wanda_scores
 from ptmoe.models.moe import HashRouter
 
 pytestmark = pytest.mark.usefixtures("one_thread")

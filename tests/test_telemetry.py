@@ -250,7 +250,7 @@ def test_tensor_parallel_ranks_count_their_shared_batch_once(tmp_path, tiny_bert
     monkeypatch.setattr(telemetry, "batch_replicas", lambda model: 2)
     # The all-reduce over the two tensor-parallel ranks: both hold the same sums.
     monkeypatch.setattr(
-        telemetry, "_all_reduce_vectors", lambda vectors, device: {k: 2 * v for k, v in vectors.items()}
+        telemetry, "all_reduce_vectors", lambda vectors, device: {k: 2 * v for k, v in vectors.items()}
     )
     trainer = _trainer(model, tmp_path)
     callback = add_router_telemetry(trainer)

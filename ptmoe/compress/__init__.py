@@ -1,9 +1,10 @@
 """Model compression for limited hardware: pruning (Wanda) and, alongside, distillation.
 
 fp32/bf16 checkpoint ──► prune_wanda(model, calibration texts) ──► sparse weights ──► save ──► 4-bit load / LoRA
+
+The calibration pass itself (texts, tokenizer, unpadded batches, input norms per linear) is `ptmoe.calibration`.
 """
 
-from .calibration import CalibrationStats, calibration_sequences, collect_input_norms
 from .distillation import distill, distillation_loss, student_teacher_gap
 from .pruning import (
     PruningReport,
@@ -16,10 +17,7 @@ from .pruning import (
 )
 
 __all__ = [
-    "CalibrationStats",
     "PruningReport",
-    "calibration_sequences",
-    "collect_input_norms",
     "distill",
     "distillation_loss",
     "nm_mask",

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..sparsify.data import batches, load_texts, resolve_tokenizer
+from ..calibration import batches, load_texts, model_inputs, resolve_tokenizer
 
 
 def _hidden_size(config) -> int | None:
@@ -99,15 +99,8 @@ def distillation_loss(
 
 
 def _forward(model, batch: dict, output_router_losses: bool | None = None):
-    inputs = dict(batch)
-    if getattr(model.config, "is_encoder_decoder", False):
-        inputs["decoder_input_ids"] = (
-            model._shift_right(batch["input_ids"])
-            if hasattr(model, "_shift_right")
-            else model.get_base_model()._shift_right(batch["input_ids"])
-        )
-        inputs["decoder_attention_mask"] = batch["attention_mask"]
-    return model(**inputs, output_hidden_states=True)
+    # The decoder's padding is masked too: the distillation loss compares the decoder's real tokens.
+    return model(**model_inputs(model, batch, decoder_attention_mask=True), output_hidden_states=True)
 
 
 @torch.no_grad()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .calibration import _resolve_tokenizer
+from ..calibration import read_calibration_file, resolve_tokenizer
+from ..outputs import check_output_dir
 from .pruning import EXPERT_SPARSITY_MODES, _check_sparsity, parse_structure, prune_wanda, save_pruned
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -32,25 +33,6 @@ def load_for_pruning(model_name_or_path: str, dtype: str = "float32") -> nn.Modu
             "with save_pretrained (which records `architectures`) or prune it in Python with ptmoe.prune_wanda"
         )
     return model_class.from_pretrained(model_name_or_path, dtype=_DTYPES[dtype]).eval()
-
-
-def read_calibration_file(path: str, text_column: str = "text", max_samples: int | None = None):
-    """Calibration texts from a .txt (one per line), .jsonl/.json or .csv file, as a `datasets.Dataset`."""
-    import datasets
-
-    from ..training import _data_builder
-
-    builder = _data_builder(path, "--calibration")
-    dataset = datasets.load_dataset(builder, data_files=path, split="train")
-    if text_column not in dataset.column_names:
-        raise ValueError(
-            f"--calibration {path!r} has no column {text_column!r} (columns: {dataset.column_names}); "
-            "set --text-column"
-        )
-    dataset = dataset.filter(lambda row: bool(row[text_column] and row[text_column].strip()))
-    if max_samples is not None:
-        dataset = dataset.select(range(min(max_samples, len(dataset))))
-    return dataset
 
 
 def add_prune_arguments(parser) -> None:
@@ -87,8 +69,6 @@ def add_prune_arguments(parser) -> None:
 def run_prune_command(args) -> int:
     """`ptmoe prune MODEL OUT --calibration FILE`: Wanda-prune, save atomically, print the report's summary."""
 
-    from ..upcycling import check_output_dir
-
     check_output_dir(args.out, args.overwrite)  # before the (long) calibration, not after
     if args.max_samples is not None and args.max_samples < 1:
         raise ValueError(f"--max-samples must be >= 1, got {args.max_samples}")
@@ -97,7 +77,7 @@ def run_prune_command(args) -> int:
         _check_sparsity(args.sparsity)
     texts = read_calibration_file(args.calibration, args.text_column, args.max_samples)
     model = load_for_pruning(args.model, args.dtype)
-    tokenizer = _resolve_tokenizer(model, None)
+    tokenizer = resolve_tokenizer(model)
     report = prune_wanda(
         model,
         texts,
@@ -121,4 +101,4 @@ def run_prune_command(args) -> int:
     return 0
 
 
-__all__ = ["add_prune_arguments", "load_for_pruning", "read_calibration_file", "run_prune_command"]
+__all__ = ["add_prune_arguments", "load_for_pruning", "run_prune_command"]

@@ -13,7 +13,7 @@ same 2:4 pattern ``prune_n=2, prune_m=4`` by the number *pruned*, which coincide
 Mixture-of-Experts twist: an expert only ever sees the tokens its router sends it, so its input norms must come
 from those tokens, not from every token of the layer. Forward hooks on an expert's linears see exactly the routed
 rows (the sparse MoE block gathers them per expert); the few zero rows the block may pad in CPU fp32 inference are
-cut off using the router's own token counts (`calibration.py`). An expert that received no calibration token has
+cut off using the router's own token counts (`ptmoe.calibration.input_norm_statistics`). An expert that received no calibration token has
 no statistics: it is left unpruned and listed in the report (never pruned on weight magnitude alone).
 
 Layers are pruned in order (a "layer group" is one `layer.N` / `block.N` of a stack; anything outside the stacks,
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibration import _batches, _collect, _expert_owners, calibration_sequences
+from ..calibration import calibration_sequences, expert_owners, input_norm_statistics, length_batches
 
 logger = logging.getLogger(__name__)
 
@@ -364,7 +364,7 @@ def prune_wanda(
             f"calibration_data is too short: {tokens} tokens in {len(sequences)} sequences, fewer than "
             f"min_tokens={min_tokens}. Give more text (Wanda uses 128 sequences) or lower min_tokens."
         )
-    batches = _batches(sequences, batch_size)
+    batches = length_batches(sequences, batch_size)
     report = PruningReport(
         structure=structure if n_m is None else f"{n_m[0]}:{n_m[1]}",
         sparsity=sparsity,
@@ -372,12 +372,12 @@ def prune_wanda(
         calibration_tokens=tokens,
         skipped=[n for n, m in model.named_modules() if type(m) is nn.Linear and n not in set(names)],
     )
-    owners = _expert_owners(model)
+    owners = expert_owners(model)
     modules = dict(model.named_modules())
     groups = _layer_groups(names) if sequential else [names]
     progress = _progress(groups, show_progress)
     for group in progress:
-        stats = _collect(model, batches, group, expert_statistics)
+        stats = input_norm_statistics(model, batches, group, expert_statistics)
         for block_name, counts in stats.expert_tokens.items():
             report.expert_tokens[block_name] = counts
         for name in group:

@@ -109,7 +109,7 @@ def build_quick_models(folder: Path, seed: int = 0) -> tuple[str, str]:
 
     import ptmoe
 
-    from ..demo import train_tokenizer
+    from ..training import train_tokenizer
     from .suites import FIXTURES_DIR
 
     texts = []
@@ -156,7 +156,7 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
     if model is None:
         if not args.quick:
             raise ValueError("--model_name_or_path is required (or --quick, which builds tiny models)")
-        from ..upcycling import check_output_dir
+        from ..outputs import check_output_dir
 
         check_output_dir(output_dir, args.overwrite)  # before creating anything inside it
         model, built_dense = build_quick_models(output_dir / "models")

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..upcycling import check_output_dir
+from ..outputs import check_output_dir
 from .run import (
     EvalConfig,
     _card_name,

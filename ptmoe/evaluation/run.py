@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .. import training
-from ..upcycling import check_output_dir
+from ..outputs import check_output_dir
 from .suites import FIXTURES_DIR, Suite, resolve_suites, split_long_documents
 
 logger = logging.getLogger(__name__)

@@ -33,6 +33,7 @@ from .moe_config import (
     COMBINE_WEIGHTS,
     EXPERT_CHOICE_DECODER_ERROR,
     HASH_ROUTER_SEED,
+    MOE_FIELDS_DOCSTRING,
     ROUTER_TYPES,
     SWITCH_PRESET,
     MoeConfigMixin,
@@ -90,6 +91,7 @@ __all__ = [
     "validate_routing_extensions",
     "router_type_of",
     "validate_decoder_router",
+    "MOE_FIELDS_DOCSTRING",
     "MoeConfigMixin",
     # input_checks
     "check_input_shapes",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 ROUTER_TYPES = ("topk", "switch", "noisy_topk", "hash", "expert_choice", "hierarchical")
 COMBINE_WEIGHTS = ("router", "ones")
@@ -267,8 +268,89 @@ SWITCH_PRESET = {
 }
 
 
+# The documentation of the MoE fields `MoeConfigMixin` declares, written once and placed in the docstring of every MoE
+# config class (`MoeBertConfig`, `MoeT5Config`) where it says `MOE_FIELDS`.
+MOE_FIELDS_DOCSTRING = """        num_experts (`int`, defaults to 8): routed experts per MoE layer.
+        num_experts_per_tok (`int`, defaults to 2): experts each token uses (k). Must be 1 for `"switch"`.
+        router_type (`str`, defaults to `"topk"`): `"topk"`, `"switch"` (top-1 with capacity), `"noisy_topk"`
+            (Shazeer et al. 2017), `"hash"` (fixed routing by token id, Roller et al. 2021), `"expert_choice"`
+            (experts pick tokens, Zhou et al. 2022; encoders only) or `"hierarchical"` (a group gate, then an expert
+            gate within the chosen groups; Jordan & Jacobs 1994).
+        capacity_factor (`float`, defaults to 1.25) / eval_capacity_factor (`float`, defaults to 2.0): Switch
+            expert capacity in training / eval, as a multiple of the even share of the tokens of a sequence.
+        expert_capacity (`int`, *optional*): absolute per-sequence capacity overriding the factors (the format of
+            transformers' Switch Transformers checkpoints).
+        expert_capacity_factor (`float`, *optional*): `"expert_choice"`: each expert takes
+            ceil(expert_capacity_factor · real tokens / num_experts) tokens of a sequence, so a token uses
+            expert_capacity_factor experts on average; defaults to `num_experts_per_tok` (the compute of top-k).
+        router_groups (`int`, defaults to 1) / num_groups_per_tok (`int`, defaults to 1): `"hierarchical"`: the
+            experts form `router_groups` groups of num_experts / router_groups consecutive experts; each token picks
+            `num_groups_per_tok` groups, then num_experts_per_tok / num_groups_per_tok experts inside each.
+        expert_dropout (`float`, *optional*): dropout inside every expert, between its projections (Switch
+            Transformer fine-tuning: 0.4 in experts, 0.1 elsewhere). Defaults to what the dense FFN does there: 0.0
+            for BERT (its FFN has no dropout between its projections; `hidden_dropout_prob` still acts on the MoE
+            output), `dropout_rate` for T5.
+        router_jitter_noise (`float`, defaults to 0.0): multiplicative router input noise in training.
+        router_aux_loss_coef (`float`, defaults to 0.01): load-balancing loss coefficient.
+        router_z_loss_coef (`float`, defaults to 0.001): router z-loss coefficient.
+        router_importance_loss_coef (`float`, defaults to 0.0): importance (CV²) loss coefficient.
+        router_domain_loss_coef (`float`, defaults to 0.0): domain routing loss coefficient (`router_domain_loss`;
+            used by the training scripts with `--domain_column`).
+        norm_topk_prob (`bool`, defaults to `True`): renormalise the k chosen weights to sum to 1 (`"topk"`).
+        num_shared_experts (`int`, defaults to 0): always-active experts added to the routed ones.
+        expert_intermediate_size (`int`, *optional*): expert FFN width (default: the dense FFN width,
+            `intermediate_size` for BERT, `d_ff` for T5; smaller for partitioned upcycling).
+        shared_expert_intermediate_size (`int`, *optional*): width of the shared experts (default: the routed
+            experts' width; the importance split of `ptmoe.upcycle` keeps its top neurons in one shared expert).
+        combine_weights (`str`, defaults to `"router"`): `"router"` combines the chosen experts with the
+            router's top-k probabilities; `"ones"` sums them (weight 1 each: the router only selects, as in
+            MoEfication; used by `ptmoe.sparsify`). `"topk"` and `"noisy_topk"` routers only.
+        router_top_p (`float`, *optional*): dynamic compute: each token uses the fewest experts whose router
+            probability mass reaches `router_top_p`, at most `num_experts_per_tok` (`"topk"`/`"noisy_topk"`).
+        router_init (`str`, defaults to `"normal"`): `"normal"` (N(0, initializer_range)) or `"zeros"`.
+        output_router_logits (`bool`, defaults to `False`): return per-layer `router_logits` and `expert_index`.
+        upcycled_from / upcycling_method / upcycling_seed: provenance written by `ptmoe.upcycle`.
+        expert_names (`list[str]`, *optional*): one domain name per expert (repeated for several experts of a
+            domain), written by `ptmoe.merge_experts`; `model.route_to(name)` and domain telemetry use them.
+"""
+
+
+@dataclass(repr=False, kw_only=True)
 class MoeConfigMixin:
-    """Behaviour shared by the MoE config classes (the fields themselves are declared on each config)."""
+    """The MoE fields (with their defaults) and behaviour shared by the MoE config classes.
+
+    A dataclass, so that transformers' config dataclasses (`MoeBertConfig(MoeConfigMixin, BertConfig)`) inherit the
+    fields: declared, defaulted, validated (`validate_moe_fields`) and serialised (`to_dict` / `from_dict`) the same
+    way in every MoE config. The fields are documented once, in `MOE_FIELDS_DOCSTRING`.
+    """
+
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    router_type: str = "topk"
+    capacity_factor: float | int = 1.25
+    eval_capacity_factor: float | int = 2.0
+    expert_capacity: int | None = None
+    router_jitter_noise: float | int = 0.0
+    router_aux_loss_coef: float | int = 0.01
+    router_z_loss_coef: float | int = 0.001
+    router_importance_loss_coef: float | int = 0.0
+    router_domain_loss_coef: float | int = 0.0
+    norm_topk_prob: bool = True
+    num_shared_experts: int = 0
+    expert_intermediate_size: int | None = None
+    shared_expert_intermediate_size: int | None = None
+    combine_weights: str = "router"
+    router_top_p: float | None = None
+    router_init: str = "normal"
+    output_router_logits: bool = False
+    expert_capacity_factor: float | int | None = None
+    router_groups: int = 1
+    num_groups_per_tok: int = 1
+    expert_dropout: float | int | None = None
+    upcycled_from: str | None = None
+    upcycling_method: str | None = None
+    upcycling_seed: int | None = None
+    expert_names: list[str] | None = None
 
     @classmethod
     def switch(cls, **kwargs):

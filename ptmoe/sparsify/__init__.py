@@ -6,12 +6,11 @@
                     ──► ptmoe.distill(model, dense, texts)   layer-wise + output distillation (ptmoe/compress)
                     ──► ptmoe.sparsify.sparsify(...) / `ptmoe sparsify` do all three (and save)
 
-The split strategies live with the other expert initialisations in `ptmoe/upcycling/experts.py`; this package holds
-what needs text: calibration statistics, router fitting and the one-call pipeline.
+The split strategies live with the other expert initialisations in `ptmoe/upcycling/experts.py`; reading the text,
+the tokenizer and the dense FFN activations live on the floor below (`ptmoe.calibration`); this package holds router
+fitting and the one-call pipeline.
 """
 
-from .calibration import collect_ffn_activations
-from .data import load_texts, resolve_tokenizer
 from .pipeline import active_ffn_share, agreement_with_dense, sparsify
 from .routers import expert_activation_mass, fit_routers
 
@@ -19,9 +18,6 @@ __all__ = [
     "active_ffn_share",
     "agreement_with_dense",
     "sparsify",
-    "collect_ffn_activations",
     "expert_activation_mass",
     "fit_routers",
-    "load_texts",
-    "resolve_tokenizer",
 ]

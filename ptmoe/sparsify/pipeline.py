@@ -11,8 +11,17 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
-from .data import batches, load_texts, resolve_tokenizer
-from .routers import fit_routers, model_inputs, require_moe_blocks
+from ..calibration import batches, load_texts, model_inputs, resolve_tokenizer
+from ..outputs import check_output_dir
+from ..upcycling import (
+    PARTITION_STRATEGIES,
+    architecture_for_checkpoint,
+    import_class,
+    layers_argument,
+    save_upcycled,
+    upcycle,
+)
+from .routers import fit_routers, require_moe_blocks
 
 
 def active_ffn_share(config) -> float:
@@ -55,10 +64,8 @@ def agreement_with_dense(
 
 def load_dense(base: str | os.PathLike, task: str | None = None) -> PreTrainedModel:
     """The dense checkpoint as the transformers class `ptmoe.upcycle` maps (see `architecture_for_checkpoint`)."""
-    from ..upcycling import _import, architecture_for_checkpoint
-
     arch = architecture_for_checkpoint(AutoConfig.from_pretrained(os.fspath(base)), task)
-    return _import("transformers", arch.dense_class).from_pretrained(os.fspath(base)).eval()
+    return import_class("transformers", arch.dense_class).from_pretrained(os.fspath(base)).eval()
 
 
 def sparsify(
@@ -100,7 +107,6 @@ def sparsify(
         text before fitting, after fitting and after distillation, and the wall time of each step (seconds).
     """
     from ..compress.distillation import distill
-    from ..upcycling import upcycle
 
     texts = load_texts(calibration, what="calibration")
     if len(texts) < 2:
@@ -158,8 +164,6 @@ def sparsify(
 # `ptmoe sparsify` (registered in ptmoe/cli.py)
 # --------------------------------------------------------------------------------------------------------------
 def add_sparsify_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..upcycling import PARTITION_STRATEGIES, _layers_argument
-
     parser.add_argument("--base", required=True, help="dense BERT/RoBERTa/T5 checkpoint: folder or Hub id")
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     parser.add_argument("--calibration", required=True, help="unlabeled text file, one text per line")
@@ -169,7 +173,7 @@ def add_sparsify_arguments(parser: argparse.ArgumentParser) -> None:
         "--shared-neurons", type=int, default=0, help="most important neurons kept always active"
     )
     parser.add_argument("--split", choices=PARTITION_STRATEGIES, default="coactivation")
-    parser.add_argument("--moe-layers", type=_layers_argument, default=1, help="every n-th layer (1 = all)")
+    parser.add_argument("--moe-layers", type=layers_argument, default=1, help="every n-th layer (1 = all)")
     parser.add_argument("--fit-steps", type=int, default=300, help="router-fitting steps per layer")
     parser.add_argument("--distill-steps", type=int, default=200, help="distillation steps (0: none)")
     parser.add_argument("--learning-rate", type=float, default=1e-4, help="distillation learning rate")
@@ -185,7 +189,6 @@ def run_sparsify_command(args: argparse.Namespace) -> int:
     Bad input raises (`ValueError` / `OSError`); `ptmoe.cli.main` prints it as one error line with exit code 2.
     """
     from ..models.moe import check_local_checkpoint
-    from ..upcycling import check_output_dir, save_upcycled
 
     check_output_dir(args.out, args.overwrite)  # before hours of work, not after
     check_local_checkpoint(args.base, "--base")

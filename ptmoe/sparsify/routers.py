@@ -23,16 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..calibration import batches, load_texts, model_inputs, moe_blocks, resolve_tokenizer
 from ..models.moe import RouterOutput, SparseMoeBlock
-from .data import batches, load_texts, resolve_tokenizer
-
-
-def moe_blocks(model: nn.Module) -> dict[str, SparseMoeBlock]:
-    """`{module name: SparseMoeBlock}` of a model (PEFT-wrapped models included)."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, SparseMoeBlock)}
 
 
 def require_moe_blocks(model: nn.Module, what: str = "model") -> dict[str, SparseMoeBlock]:
+    """`{module name: MoE block}` of `model` (`ptmoe.calibration.moe_blocks`), or a `ValueError` naming `what`."""
     blocks = moe_blocks(model)
     if not blocks:
         raise ValueError(
@@ -96,13 +92,6 @@ class _OracleRouter(nn.Module):
             token_mask=token_mask,
             learned=False,
         )
-
-
-def model_inputs(model: nn.Module, batch: dict) -> dict:
-    """A batch for `model(**batch)`: encoder-decoder models read the same text shifted right in the decoder."""
-    if getattr(model.config, "is_encoder_decoder", False):
-        batch = {**batch, "decoder_input_ids": model._shift_right(batch["input_ids"])}
-    return batch
 
 
 def topk_agreement(router_logits: torch.Tensor, mass: torch.Tensor, k: int) -> float:

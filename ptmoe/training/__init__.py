@@ -36,15 +36,11 @@ from .arguments import (
     parse_expert_list,
 )
 from .data import (
-    DATA_FILE_BUILDERS,
     check_columns,
     check_training_output_dir,
     limit_samples,
     load_raw_datasets,
     start_run,
-)
-from .data import (
-    _data_builder as _data_builder,  # private; ptmoe/compress/prune_command.py imports it
 )
 from .labels import (
     LabelMapping,
@@ -93,6 +89,7 @@ from .tokenization import (
     tokenize_and_align_labels,
     tokenize_classification,
     tokenize_for_mlm,
+    train_tokenizer,
 )
 
 __all__ = [
@@ -133,9 +130,9 @@ __all__ = [
     "tokenize_for_mlm",
     "tokenize_for_span_corruption",
     "tokenize_seq2seq",
+    "train_tokenizer",
     "train_evaluate_save",
     # also used by the scripts and other modules
-    "DATA_FILE_BUILDERS",
     "SCREENING_METRICS",
     "TUNING_CHOICES",
     "is_peft_model",

@@ -11,24 +11,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..calibration import data_file_builder
 from ..models.moe import check_local_checkpoint
 from .arguments import parse_arguments
 from .run import resolve_do_train_eval, setup_logging
-
-# Extensions of local data files → the `datasets` builder that reads them.
-DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text"}
-
-
-def _data_builder(path: str, flag: str) -> str:
-    suffix = Path(path).suffix.lower()
-    if suffix not in DATA_FILE_BUILDERS:
-        raise ValueError(
-            f"{flag} {path!r} has extension {suffix!r}; use one of {sorted(DATA_FILE_BUILDERS)} "
-            "(.json/.jsonl: one JSON object per line or a JSON list; .csv with a header row; .txt: one text per line)."
-        )
-    if not Path(path).is_file():
-        raise ValueError(f"{flag} {path!r} does not exist or is not a file.")
-    return DATA_FILE_BUILDERS[suffix]
 
 
 def _is_saved_dataset(path: str) -> bool:
@@ -82,10 +68,10 @@ def load_raw_datasets(
             dataset_name, "--dataset_name"
         )  # a missing save_to_disk folder is not a Hub id
     if train_file is not None:
-        builder = _data_builder(train_file, "--train_file")
+        builder = data_file_builder(train_file, "--train_file")
         data_files = {"train": train_file}
         if validation_file is not None:
-            if _data_builder(validation_file, "--validation_file") != builder:
+            if data_file_builder(validation_file, "--validation_file") != builder:
                 raise ValueError(
                     f"--train_file {train_file!r} and --validation_file {validation_file!r} must have the same "
                     "format (both .json/.jsonl, both .csv or both .txt)."

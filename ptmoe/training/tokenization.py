@@ -6,7 +6,10 @@ chunked within each domain when the text is tagged with one (domain-aware packin
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
+
+from transformers import PreTrainedTokenizerFast
 
 from .labels import LabelMapping
 
@@ -186,3 +189,36 @@ def _require_examples(tokenized, length: int) -> None:
                 f"The {split} split yields no training example of {length} tokens: the texts are too short in "
                 "total. Lower --max_seq_length or add text."
             )
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path) -> PreTrainedTokenizerFast:
+    """A cased WordPiece tokenizer (BERTimbau-style: accents kept) trained on `texts`, saved in `out_dir`.
+
+    For offline fixtures and benchmarks: a small vocabulary learnt from the task's own text, no download.
+
+    Args:
+        texts (`list[str]`): the training texts.
+        vocab_size (`int`): the WordPiece vocabulary size (special tokens included).
+        out_dir (`Path`): where the tokenizer is saved.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False, clean_text=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.train_from_iterator(
+        texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special)
+    )
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    from transformers import BertTokenizerFast
+
+    fast = BertTokenizerFast(tokenizer_object=tokenizer, do_lower_case=False)
+    fast.save_pretrained(out_dir)
+    return fast

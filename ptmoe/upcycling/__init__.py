@@ -44,18 +44,17 @@ The package, by what each part does:
     config.py       the MoE config (`build_moe_config`)
     experts.py      expert initialisation and neuron splits (`init_experts`, `split_ffn`, `partition_groups`, …)
     state_dict.py   the pure state-dict conversion (`upcycle_state_dict`, `router_keys`)
-    build.py        assigning the tensors to a meta-device MoE model (`_assign`, `_initialise_remaining`)
+    build.py        assigning the tensors to a meta-device MoE model (`assign_tensors`, `initialise_remaining`)
     api.py          `upcycle`
     save.py         `save_upcycled`
     command.py      the `ptmoe upcycle` command line
 """
 
-from ..outputs import check_output_dir
 from .api import upcycle
-from .build import _assign as _assign
-from .build import _initialise_remaining as _initialise_remaining
-from .command import _layers_argument as _layers_argument
+from .build import assign_tensors as assign_tensors
+from .build import initialise_remaining as initialise_remaining
 from .command import add_upcycle_arguments as add_upcycle_arguments
+from .command import layers_argument as layers_argument
 from .command import run_upcycle_command as run_upcycle_command
 from .config import build_moe_config
 from .experts import CALIBRATED_STRATEGIES as CALIBRATED_STRATEGIES
@@ -77,9 +76,8 @@ from .families import (
     architecture_for_model,
 )
 from .families import Family as Family
-from .families import _import as _import
+from .families import import_class as import_class
 from .families import moe_class_for as moe_class_for
-from .save import _source_tokenizer as _source_tokenizer
 from .save import save_upcycled
 from .state_dict import router_keys as router_keys
 from .state_dict import upcycle_state_dict
@@ -101,5 +99,8 @@ __all__ = [
     "upcycle_state_dict",
     "upcycle",
     "save_upcycled",
-    "check_output_dir",
+    "assign_tensors",
+    "initialise_remaining",
+    "import_class",
+    "layers_argument",
 ]

@@ -14,11 +14,12 @@ from collections.abc import Mapping, Sequence
 import torch
 from transformers import AutoConfig, PreTrainedModel
 
+from ..calibration import collect_ffn_activations, load_texts, resolve_tokenizer
 from ..models.moe import check_local_checkpoint
-from .build import _assign, _initialise_remaining
+from .build import assign_tensors, initialise_remaining
 from .config import build_moe_config
 from .experts import CALIBRATED_STRATEGIES, PARTITION_STRATEGIES, UPCYCLING_METHODS
-from .families import _import, architecture_for_checkpoint, architecture_for_model, moe_class_for
+from .families import architecture_for_checkpoint, architecture_for_model, import_class, moe_class_for
 from .state_dict import upcycle_state_dict
 
 logger = logging.getLogger(__name__)
@@ -183,8 +184,6 @@ def upcycle(
     )
     calibration_texts = None
     if needs_calibration:
-        from ..sparsify.data import load_texts
-
         if calibration is None:
             raise ValueError(
                 f"partition={partition!r} with num_shared_neurons={num_shared_neurons} reads the dense FFN's "
@@ -232,16 +231,13 @@ def upcycle(
     _warn_if_not_exact(moe_config, method)
 
     if owned:
-        dense = _import("transformers", arch.dense_class).from_pretrained(source, **load_kwargs)
+        dense = import_class("transformers", arch.dense_class).from_pretrained(source, **load_kwargs)
         if type(dense).__name__ != arch.dense_class:
             raise ValueError(f"loading {source!r} gave a {type(dense).__name__}, expected {arch.dense_class}")
         # Again from the loaded config: `load_kwargs` such as `num_labels` change it.
         moe_config = build_moe_config(dense.config, arch, **config_arguments)
     activations = None
     if calibration_texts is not None:
-        from ..sparsify.calibration import collect_ffn_activations
-        from ..sparsify.data import resolve_tokenizer
-
         layers = {stack.name: getattr(moe_config, stack.layers_attr) for stack in arch.stacks}
         activations = collect_ffn_activations(
             dense, arch, layers, calibration_texts, resolve_tokenizer(dense, tokenizer), calibration_tokens
@@ -270,8 +266,8 @@ def upcycle(
         num_shared_neurons=num_shared_neurons,
     )
     del dense_state_dict
-    _assign(model, tensors)
-    _initialise_remaining(model, device, dtype, seed)
+    assign_tensors(model, tensors)
+    initialise_remaining(model, device, dtype, seed)
     leftover = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if leftover:  # would be a bug in the key map: never hand out a model with uninitialised weights
         raise RuntimeError(f"upcycle left tensors on the meta device: {leftover[:8]}")

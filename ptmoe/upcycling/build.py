@@ -1,7 +1,7 @@
 """Building the MoE model without a second copy of the weights.
 
-The MoE model is created on the meta device; `_assign` puts the converted tensors in as its parameters and
-buffers (keeping tied weights tied), and `_initialise_remaining` materialises and initialises what the conversion
+The MoE model is created on the meta device; `assign_tensors` puts the converted tensors in as its parameters and
+buffers (keeping tied weights tied), and `initialise_remaining` materialises and initialises what the conversion
 does not provide (routers, non-persistent buffers) with transformers' own missing-key mechanism, seeded.
 """
 
@@ -28,7 +28,7 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor, is_parameter:
         module._buffers[attr] = tensor
 
 
-def _assign(model: PreTrainedModel, tensors: Mapping[str, torch.Tensor]) -> None:
+def assign_tensors(model: PreTrainedModel, tensors: Mapping[str, torch.Tensor]) -> None:
     """Put `tensors` into a meta-device `model` as its parameters/buffers, keeping the model's tied weights tied."""
     replaced: dict[int, nn.Parameter] = {}
     for name, old in model.named_parameters(remove_duplicate=False):
@@ -53,9 +53,7 @@ def _assign(model: PreTrainedModel, tensors: Mapping[str, torch.Tensor]) -> None
 
 
 @torch.no_grad()
-def _initialise_remaining(
-    model: PreTrainedModel, device: torch.device, dtype: torch.dtype, seed: int
-) -> None:
+def initialise_remaining(model: PreTrainedModel, device: torch.device, dtype: torch.dtype, seed: int) -> None:
     """Materialise what the conversion did not provide (routers, non-persistent buffers) and let the model init it.
 
     This is transformers' own mechanism for missing keys: loaded tensors carry `_is_hf_initialized`, so

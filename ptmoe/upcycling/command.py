@@ -1,6 +1,6 @@
 """Command line: `ptmoe upcycle` (wired in ptmoe/cli.py): upcycle `--base`, save to `--out`, print the counts.
 
-`_layers_argument` parses a layer option ("2", "1,3,5", "none") and is shared by `ptmoe merge-experts` and
+`layers_argument` parses a layer option ("2", "1,3,5", "none") and is shared by `ptmoe merge-experts` and
 `ptmoe sparsify`.
 """
 
@@ -18,7 +18,7 @@ from .save import save_upcycled
 # --------------------------------------------------------------------------------------------------------------
 # Command line: `ptmoe upcycle` (wired in ptmoe/cli.py)
 # --------------------------------------------------------------------------------------------------------------
-def _layers_argument(text: str) -> int | list[int]:
+def layers_argument(text: str) -> int | list[int]:
     """ "2" → every 2nd layer; "1,3,5" → those layers; "none" → no MoE layer."""
     text = text.strip()
     if text.lower() in ("none", ""):
@@ -41,10 +41,10 @@ def add_upcycle_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--method", choices=UPCYCLING_METHODS, default="copy")
     parser.add_argument(
-        "--moe-layers", type=_layers_argument, default=2, help="every n-th layer (2) or a list (1,3,5)"
+        "--moe-layers", type=layers_argument, default=2, help="every n-th layer (2) or a list (1,3,5)"
     )
-    parser.add_argument("--encoder-moe-layers", type=_layers_argument, default=None, help="T5 only")
-    parser.add_argument("--decoder-moe-layers", type=_layers_argument, default=None, help="T5 only")
+    parser.add_argument("--encoder-moe-layers", type=layers_argument, default=None, help="T5 only")
+    parser.add_argument("--decoder-moe-layers", type=layers_argument, default=None, help="T5 only")
     parser.add_argument("--router", choices=ROUTER_TYPES, default="topk")
     parser.add_argument(
         "--router-groups",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from .families import FAMILIES, ArchitectureMap, _import
+from .families import FAMILIES, ArchitectureMap, import_class
 
 # --------------------------------------------------------------------------------------------------------------
 # MoE config
@@ -59,7 +59,7 @@ def build_moe_config(
     The MoE config class validates every MoE field (a `ValueError` naming it) before any weight is read.
     """
     family = FAMILIES[arch.family]
-    config_class = _import(family.config_module, family.config_class)
+    config_class = import_class(family.config_module, family.config_class)
     fields = {k: v for k, v in dense_config.to_dict().items() if k not in _CONFIG_BOOKKEEPING}
     if family.positions_from_padding_idx:
         fields = _roberta_config_fields(fields, arch)

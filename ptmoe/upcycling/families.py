@@ -331,7 +331,8 @@ def architecture_for_checkpoint(dense_config, task: str | None = None) -> Archit
     return SUPPORTED_ARCHITECTURES[family.tasks[task]]
 
 
-def _import(module: str, name: str):
+def import_class(module: str, name: str) -> type:
+    """The class `name` of `module` (e.g. `("transformers", "BertForMaskedLM")`), or an `ImportError` naming both."""
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as error:  # e.g. a family whose modeling file is not installed
@@ -340,4 +341,4 @@ def _import(module: str, name: str):
 
 def moe_class_for(arch: ArchitectureMap) -> type[PreTrainedModel]:
     """The ptmoe model class an architecture upcycles into."""
-    return _import(FAMILIES[arch.family].modeling_module, arch.moe_class)
+    return import_class(FAMILIES[arch.family].modeling_module, arch.moe_class)

@@ -1,62 +1,19 @@
 """Saving an upcycled model, all or nothing: weights, config and modeling code, and the source's tokenizer.
 
-`save_upcycled` writes to a staged folder renamed into place; `_source_tokenizer` loads the tokenizer of the dense
-checkpoint recorded in `config.upcycled_from` (or warns that there is none).
+`save_upcycled` writes to a staged folder renamed into place, with the tokenizer of the dense checkpoint recorded in
+`config.upcycled_from` (`ptmoe.calibration.load_tokenizer`, which warns when there is none).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
 from transformers import PreTrainedModel
 
+from ..calibration import load_tokenizer
 from ..outputs import check_output_dir, staged_output_dir
 from .families import SUPPORTED_ARCHITECTURES
-
-logger = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Saving: all or nothing
-# --------------------------------------------------------------------------------------------------------------
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.txt",
-    "vocab.json",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "tokenizer.model",
-)
-
-
-def _source_tokenizer(source: str | None):
-    """The tokenizer of the dense checkpoint the model was upcycled from, or None (with a warning)."""
-    if not source or source in SUPPORTED_ARCHITECTURES:  # built from an in-memory model without a path
-        return None
-    from transformers import AutoTokenizer
-
-    if os.path.isdir(source) and not any(os.path.exists(os.path.join(source, f)) for f in _TOKENIZER_FILES):
-        reason = f"the folder has none of {', '.join(_TOKENIZER_FILES)}"
-    else:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError, TypeError, KeyError) as error:
-            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        else:
-            # transformers 5 builds a tokenizer holding only the special tokens from a config.json alone.
-            if len(tokenizer) > len(set(tokenizer.all_special_tokens)):
-                return tokenizer
-            reason = "it has no vocabulary beyond the special tokens"
-    logger.warning(
-        "No tokenizer could be loaded from %r (%s); the checkpoint is saved without one. Pass `tokenizer=` to "
-        "save one beside the weights.",
-        source,
-        reason,
-    )
-    return None
 
 
 def save_upcycled(
@@ -83,7 +40,9 @@ def save_upcycled(
     """
     out = check_output_dir(out_dir, overwrite)
     if tokenizer is None:
-        tokenizer = _source_tokenizer(getattr(model.config, "upcycled_from", None))
+        source = getattr(model.config, "upcycled_from", None)
+        # An in-memory dense model records its class name: there is no folder to read a tokenizer from.
+        tokenizer = None if source in SUPPORTED_ARCHITECTURES else load_tokenizer(source)
     with staged_output_dir(out, overwrite) as staging:
         model.save_pretrained(staging)
         if tokenizer:

@@ -66,7 +66,7 @@ def upcycle_state_dict(
             shares storage with `dense_state_dict`.
         progress (`bool`): show a progress bar over MoE layers.
         activations (`dict`, *optional*): `(stack, layer)` → `(T, I)` dense FFN activations on calibration text
-            (from `ptmoe.sparsify.collect_ffn_activations`), for the co-activation split and `num_shared_neurons`.
+            (from `ptmoe.calibration.collect_ffn_activations`), for the co-activation split and `num_shared_neurons`.
         num_shared_neurons (`int`): "partition": neurons kept in an always-active shared expert.
 
     Returns:

@@ -120,7 +120,9 @@ def test_t5_generate_accepts_and_emits_new_ids():
     model.resize_token_embeddings(VOCAB + 21)
     input_ids = torch.tensor([[VOCAB + 1, 5, VOCAB + 19, 6]])
     # Old ids suppressed: every generated token is a new id, fed back through the decoder's hash router.
-    generated = model.generate(input_ids, max_new_tokens=4, do_sample=False, suppress_tokens=list(range(VOCAB)))
+    generated = model.generate(
+        input_ids, max_new_tokens=4, do_sample=False, suppress_tokens=list(range(VOCAB))
+    )
     assert generated.shape == (1, 5) and (generated[:, 1:] >= VOCAB).all()
 
 

@@ -55,7 +55,10 @@ class MoePreTrainedMixin:
         return load_checked(super().from_pretrained, *args, **kwargs)
 
     def resize_token_embeddings(
-        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+        self,
+        new_num_tokens: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        mean_resizing: bool = True,
     ):
         """`PreTrainedModel.resize_token_embeddings`, also fitting every hash router's token → expert table.
 
@@ -64,7 +67,8 @@ class MoePreTrainedMixin:
         model, which therefore reloads with its new `vocab_size`.
         """
         embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
-        vocab_size = embeddings.weight.shape[0]  # after `pad_to_multiple_of`, as transformers sets `vocab_size`
+        # after `pad_to_multiple_of`, as transformers sets `config.vocab_size`
+        vocab_size = embeddings.weight.shape[0]
         for module in self.modules():
             if isinstance(module, HashRouter):
                 module.resize_table(vocab_size)

@@ -306,7 +306,8 @@ class HashRouter(TopKRouter):
         else:
             added = self.build_table(vocab_size, self.num_experts, start=table.numel())
             resized = torch.cat([table, added.to(device=table.device, dtype=table.dtype)])
-        self.hash_table = resized  # the registered buffer is replaced (a tensor of another size), still persistent
+        # the registered buffer is replaced by a tensor of another size, still persistent
+        self.hash_table = resized
 
     def compute_logits(self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
         if input_ids is None:

@@ -175,3 +175,18 @@ def test_shape_mismatch_is_a_runtime_error_with_ptmoe_message(classifier_folder,
         classifier_folder, num_labels=5, ignore_mismatched_sizes=True
     )
     assert model.classifier.out_features == 5
+
+
+def test_from_pretrained_without_checkpoint_initialises_every_weight():
+    """`from_pretrained(None, config=..., state_dict={})` (transformers' fresh-init idiom) used to fail formatting
+    `None` as a path; found by transformers' `test_can_init_all_missing_weights`."""
+    config = ptmoe.MoeBertConfig(**{**BERT, "num_experts_per_tok": 2})
+    torch.manual_seed(0)
+    model = ptmoe.MoeBertModel.from_pretrained(None, config=config, state_dict={})
+    assert not any(p.device.type == "meta" for p in model.parameters())
+    router = model.encoder.layer[1].moe.router.weight
+    assert router.std() > 0  # initialised by `_init_weights`, not left empty
+    # A non-empty state dict without experts is still refused, naming it as the `state_dict`.
+    dense = {k: v for k, v in model.state_dict().items() if ".moe." not in k}
+    with pytest.raises(ValueError, match="the `state_dict` has no expert or router weights"):
+        ptmoe.MoeBertModel.from_pretrained(None, config=config, state_dict=dense)

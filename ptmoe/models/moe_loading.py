@@ -240,8 +240,9 @@ def _refuse_dense_checkpoint(model: nn.Module, loading_info: dict, name_or_path)
     moe_keys = [k for k in model.state_dict() if ".moe." in f".{k}"]
     missing = set(loading_info.get("missing_keys", []))
     if moe_keys and all(k in missing for k in moe_keys):
+        source = "the `state_dict`" if name_or_path is None else repr(os.fspath(name_or_path))
         raise ValueError(
-            f"{os.fspath(name_or_path)!r} has no expert or router weights: it is a dense checkpoint. Turn it into a "
+            f"{source} has no expert or router weights: it is a dense checkpoint. Turn it into a "
             "MoE checkpoint first with `ptmoe.upcycle(...)` / `ptmoe upcycle --base ... --out ...`, then load that."
         )
 
@@ -282,8 +283,11 @@ def load_checked(from_pretrained, *args, **kwargs):
             ) from error
     disable_bnb_cpu_weight_repacking(model)
     reduce_unused_expert_gradients(model)
-    _refuse_dense_checkpoint(model, loading_info, name_or_path)
-    check_expert_keys(loading_info, model.config)
+    # `from_pretrained(None, config=..., state_dict={})` is transformers' way to build a model whose every weight is
+    # initialised (nothing is loaded, so nothing can be a mismatched checkpoint); any other state dict is checked.
+    if not (name_or_path is None and kwargs.get("state_dict") == {}):
+        _refuse_dense_checkpoint(model, loading_info, name_or_path)
+        check_expert_keys(loading_info, model.config)
     mismatched = loading_info.get("mismatched_keys", [])
     if mismatched and not ignore_mismatched_sizes:
         raise CheckpointMismatchError(

@@ -7,23 +7,14 @@ import pytest
 import torch
 
 import ptmoe
+from conftest import TINY_BERT
 from ptmoe.auto import REGISTRY
 from ptmoe.models.moe import CheckpointMismatchError, HashRouter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-VOCAB = 99
-BERT = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=37,
-    max_position_embeddings=64,
-    num_experts=4,
-    num_experts_per_tok=1,
-    moe_layers=[0, 1],
-)
+VOCAB = TINY_BERT["vocab_size"]
+BERT = {**TINY_BERT, "num_experts_per_tok": 1}
 T5 = dict(
     vocab_size=VOCAB,
     d_model=32,

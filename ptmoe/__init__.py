@@ -34,6 +34,7 @@ from .models.modeling_moe_t5 import (
 )
 from .models.moe import (
     ROUTER_TYPES,
+    CheckpointMismatchError,
     RouterOutput,
     SparseMoeBlock,
     count_parameters,
@@ -94,6 +95,7 @@ __all__ = [
     "MoeT5ForConditionalGeneration",
     "convert_switch_transformers",
     "ROUTER_TYPES",
+    "CheckpointMismatchError",
     "RouterOutput",
     "SparseMoeBlock",
     "count_parameters",

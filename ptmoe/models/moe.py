@@ -45,6 +45,7 @@ from .moe_config import (
     validate_routing_extensions,
 )
 from .moe_loading import (
+    CheckpointMismatchError,
     check_expert_keys,
     check_local_checkpoint,
     disable_bnb_cpu_weight_repacking,
@@ -123,6 +124,7 @@ __all__ = [
     "init_router",
     "count_parameters",
     # moe_loading
+    "CheckpointMismatchError",
     "check_expert_keys",
     "disable_bnb_cpu_weight_repacking",
     "keep_modules_unquantized",

@@ -18,6 +18,15 @@ from collections.abc import Sequence
 from torch import nn
 
 
+class CheckpointMismatchError(ValueError, RuntimeError):
+    """A checkpoint's weights do not fit the model (other shapes, or experts/routers the config does not build).
+
+    A `RuntimeError`, because that is what transformers raises for a size mismatch and what code written against
+    transformers catches (``except RuntimeError``); a `ValueError`, because a checkpoint that does not fit is bad
+    input, which ptmoe's command line reports as one line (`ptmoe.errors.USER_ERRORS`).
+    """
+
+
 def _moe_layer_fields(config) -> str:
     """The config's MoE layer fields for messages: `moe_layers` (MoE-BERT) or encoder/decoder lists (MoE-T5)."""
     if hasattr(config, "encoder_moe_layers"):
@@ -38,10 +47,16 @@ def check_expert_keys(loading_info: dict, config) -> None:
 
     missing = moe_keys(loading_info.get("missing_keys", []))
     unexpected = moe_keys(loading_info.get("unexpected_keys", []))
-    mismatched = [k for k, *_ in loading_info.get("mismatched_keys", []) if ".moe." in f".{k}"]
+    # A hash table's size is the vocabulary's (like the word embeddings'), not a property of the MoE layers: its
+    # mismatch is left to the shape check of `load_checked` (rebuilt under `ignore_mismatched_sizes=True`).
+    mismatched = [
+        k
+        for k, *_ in loading_info.get("mismatched_keys", [])
+        if ".moe." in f".{k}" and not k.endswith(".hash_table")
+    ]
     if missing or unexpected or mismatched:
         shown = ", ".join((missing + unexpected + mismatched)[:6])
-        raise ValueError(
+        raise CheckpointMismatchError(
             "The checkpoint's MoE layers do not match the model config "
             f"(num_experts={config.num_experts}, num_shared_experts={config.num_shared_experts}, "
             f"router_type={config.router_type!r}, MoE layers {_moe_layer_fields(config)}): "
@@ -225,8 +240,9 @@ def _refuse_dense_checkpoint(model: nn.Module, loading_info: dict, name_or_path)
     moe_keys = [k for k in model.state_dict() if ".moe." in f".{k}"]
     missing = set(loading_info.get("missing_keys", []))
     if moe_keys and all(k in missing for k in moe_keys):
+        source = "the `state_dict`" if name_or_path is None else repr(os.fspath(name_or_path))
         raise ValueError(
-            f"{os.fspath(name_or_path)!r} has no expert or router weights: it is a dense checkpoint. Turn it into a "
+            f"{source} has no expert or router weights: it is a dense checkpoint. Turn it into a "
             "MoE checkpoint first with `ptmoe.upcycle(...)` / `ptmoe upcycle --base ... --out ...`, then load that."
         )
 
@@ -267,11 +283,14 @@ def load_checked(from_pretrained, *args, **kwargs):
             ) from error
     disable_bnb_cpu_weight_repacking(model)
     reduce_unused_expert_gradients(model)
-    _refuse_dense_checkpoint(model, loading_info, name_or_path)
-    check_expert_keys(loading_info, model.config)
+    # `from_pretrained(None, config=..., state_dict={})` is transformers' way to build a model whose every weight is
+    # initialised (nothing is loaded, so nothing can be a mismatched checkpoint); any other state dict is checked.
+    if not (name_or_path is None and kwargs.get("state_dict") == {}):
+        _refuse_dense_checkpoint(model, loading_info, name_or_path)
+        check_expert_keys(loading_info, model.config)
     mismatched = loading_info.get("mismatched_keys", [])
     if mismatched and not ignore_mismatched_sizes:
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"Checkpoint weights have other shapes than the model: {[k for k, *_ in mismatched][:6]}. Pass "
             "`ignore_mismatched_sizes=True` to re-initialise them (e.g. a new classification head)."
         )

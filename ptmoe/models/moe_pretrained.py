@@ -13,7 +13,7 @@ from transformers.distributed.parallel_utils import replace_layer_number_by_wild
 
 from .moe_loading import load_checked
 from .router_losses import domain_names
-from .routers import TopKRouter
+from .routers import HashRouter, TopKRouter
 
 
 class MoePreTrainedMixin:
@@ -53,6 +53,26 @@ class MoePreTrainedMixin:
     def from_pretrained(cls, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, refusing checkpoints whose experts or routers do not match."""
         return load_checked(super().from_pretrained, *args, **kwargs)
+
+    def resize_token_embeddings(
+        self,
+        new_num_tokens: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        mean_resizing: bool = True,
+    ):
+        """`PreTrainedModel.resize_token_embeddings`, also fitting every hash router's token → expert table.
+
+        Hash routers index their table by token id, so it must cover the new vocabulary: existing ids keep their
+        experts, new ids get a seeded assignment (`HashRouter.resize_table`). The resized table is saved with the
+        model, which therefore reloads with its new `vocab_size`.
+        """
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        # after `pad_to_multiple_of`, as transformers sets `config.vocab_size`
+        vocab_size = embeddings.weight.shape[0]
+        for module in self.modules():
+            if isinstance(module, HashRouter):
+                module.resize_table(vocab_size)
+        return embeddings
 
     def experts_named(self, *domains: str) -> list[int]:
         """The expert ids whose `config.expert_names` entry is one of `domains` (a `ValueError` naming unknowns)."""

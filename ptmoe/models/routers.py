@@ -273,6 +273,7 @@ class HashRouter(TopKRouter):
 
     The token → expert table is a balanced random assignment (a seeded permutation of the vocabulary, modulo the
     number of experts) stored as a persistent buffer, so it is saved with the checkpoint. Combine weight is 1.
+    `resize_table` follows a resized vocabulary (`model.resize_token_embeddings` calls it).
     """
 
     learned = False
@@ -285,9 +286,28 @@ class HashRouter(TopKRouter):
         self.register_buffer("hash_table", self.build_table(vocab_size, num_experts), persistent=True)
 
     @staticmethod
-    def build_table(vocab_size: int, num_experts: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(HASH_ROUTER_SEED)
-        return torch.randperm(vocab_size, generator=generator) % num_experts  # (vocab_size,)
+    def build_table(vocab_size: int, num_experts: int, start: int = 0) -> torch.Tensor:
+        """The experts of token ids `start .. vocab_size - 1`: a seeded permutation of them, modulo `num_experts`.
+
+        Seeded by `start` as well, so the ids a resize adds get a fixed, balanced assignment of their own, while
+        `start=0` is the table of a new model.
+        """
+        generator = torch.Generator().manual_seed(HASH_ROUTER_SEED + start)
+        return torch.randperm(vocab_size - start, generator=generator) % num_experts  # (vocab_size - start,)
+
+    @torch.no_grad()
+    def resize_table(self, vocab_size: int) -> None:
+        """Fit the table to a vocabulary of `vocab_size` ids: existing ids keep their expert, removed ids are cut,
+        added ids get `build_table(vocab_size, num_experts, start=old size)`. An explicit call, never from `forward`.
+        """
+        table = self.hash_table
+        if vocab_size <= table.numel():
+            resized = table[:vocab_size].clone()
+        else:
+            added = self.build_table(vocab_size, self.num_experts, start=table.numel())
+            resized = torch.cat([table, added.to(device=table.device, dtype=table.dtype)])
+        # the registered buffer is replaced by a tensor of another size, still persistent
+        self.hash_table = resized
 
     def compute_logits(self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
         if input_ids is None:

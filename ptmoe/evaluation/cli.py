@@ -214,7 +214,9 @@ def run_prepare_data(args: argparse.Namespace, suites) -> int:
             "--prepare-data loads the datasets from the internet and writes them into its folder; --data_dir is "
             "where an offline run reads that folder back. Pass only one of them."
         )
-    written = prepare_suite_data(suites, args.prepare_data, overwrite=args.overwrite, cache_dir=args.cache_dir)
+    written = prepare_suite_data(
+        suites, args.prepare_data, overwrite=args.overwrite, cache_dir=args.cache_dir
+    )
     for folder, source in written.items():
         print(f"{folder}: {source}")
     print(f"data: {args.prepare_data} (evaluate offline with --data_dir {args.prepare_data})")

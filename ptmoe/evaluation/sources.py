@@ -190,7 +190,9 @@ def parse_harem_json(path: str | os.PathLike, entity_types: Sequence[str]) -> li
             first, last = word_of_char[start], word_of_char[end - 1]
             # The words must spell the entity (whitespace aside): offsets off by a character would tag a neighbour.
             if "".join(words[first : last + 1]) != "".join(entity.get("text", text[start:end]).split()):
-                raise ValueError(f"{where}: offsets {start}..{end} cover {' '.join(words[first : last + 1])!r}")
+                raise ValueError(
+                    f"{where}: offsets {start}..{end} cover {' '.join(words[first : last + 1])!r}"
+                )
             for index in range(first, last + 1):
                 tags[index] = ("B-" if index == first else "I-") + label  # a later entity wins an overlap
         rows.append({"id": str(doc_id), "tokens": words, "ner_tags": tags})
@@ -312,13 +314,13 @@ def _select_splits(suite: Suite, loaded, splits: Sequence[str]):
 
     missing = [s for s in splits if suite.splits[s] not in loaded]
     if missing:
-        raise ValueError(
-            f"no {'/'.join(suite.splits[s] for s in missing)} split (it has {sorted(loaded)})"
-        )
+        raise ValueError(f"no {'/'.join(suite.splits[s] for s in missing)} split (it has {sorted(loaded)})")
     return datasets.DatasetDict({s: loaded[suite.splits[s]] for s in splits})
 
 
-def load_from_sources(suite: Suite, cache_dir: str | None = None, splits: Sequence[str] = ("train", "validation", "test")):
+def load_from_sources(
+    suite: Suite, cache_dir: str | None = None, splits: Sequence[str] = ("train", "validation", "test")
+):
     """Load `suite`'s splits through the chain: the Hub dataset, its parquet export, the original files.
 
     Args:
@@ -336,8 +338,12 @@ def load_from_sources(suite: Suite, cache_dir: str | None = None, splits: Sequen
     source = _describe_hub(suite)
     script_repo = False
     try:
-        return _select_splits(suite, _hub_load(suite.hub_id, suite.hub_config, None, cache_dir), splits), source
-    except Exception as error:  # datasets raises many types (RuntimeError, ConnectionError, DatasetNotFoundError..)
+        return _select_splits(
+            suite, _hub_load(suite.hub_id, suite.hub_config, None, cache_dir), splits
+        ), source
+    except (
+        Exception
+    ) as error:  # datasets raises many types (RuntimeError, ConnectionError, DatasetNotFoundError..)
         attempts.append((source, _reason(error)))
         script_repo = SCRIPT_ERROR_TEXT in str(error)
 
@@ -350,7 +356,9 @@ def load_from_sources(suite: Suite, cache_dir: str | None = None, splits: Sequen
         except Exception as error:
             attempts.append((source, _reason(error)))
     else:
-        attempts.append((source, "not tried: it only serves repositories whose loading script datasets refuses"))
+        attempts.append(
+            (source, "not tried: it only serves repositories whose loading script datasets refuses")
+        )
 
     if suite.original is not None:
         urls = {s: suite.original.urls[s] for s in splits}

@@ -166,9 +166,7 @@ _ASSIN2_PROTOCOL = Protocol(
         "paper's exact ASSIN 2 hyperparameters were not verified here."
     ),
 )
-_BERTIMBAU = (
-    "Souza, Nogueira, Lotufo (2020), BERTimbau, BRACIS: evaluation table of the neuralmind-ai/portuguese-bert README"
-)
+_BERTIMBAU = "Souza, Nogueira, Lotufo (2020), BERTimbau, BRACIS: evaluation table of the neuralmind-ai/portuguese-bert README"
 # The README table does not say which NER architecture its rows are; the BERTimbau paper's NER table, as recalled
 # (not re-read: the search tools hold no copy of it), lists these values on its BERTimbau + CRF rows.
 _BERTIMBAU_NER = _BERTIMBAU + " (BERT-CRF rows of the paper, 15 epochs; ptmoe fine-tunes without a CRF)"
@@ -189,7 +187,9 @@ _HAREM_PROTOCOL = Protocol(
     ),
 )
 _HAREM_CITATION = "Santos, Seco, Cardoso, Vilela (2006). HAREM: An Advanced NER Evaluation Contest for Portuguese. LREC 2006."
-_NEURALMIND_DATA = "https://raw.githubusercontent.com/neuralmind-ai/portuguese-bert/master/ner_evaluation/data"
+_NEURALMIND_DATA = (
+    "https://raw.githubusercontent.com/neuralmind-ai/portuguese-bert/master/ner_evaluation/data"
+)
 
 
 def _harem_original(scenario: str) -> OriginalFiles:

@@ -338,12 +338,11 @@ def load_from_sources(
     source = _describe_hub(suite)
     script_repo = False
     try:
-        return _select_splits(
-            suite, _hub_load(suite.hub_id, suite.hub_config, None, cache_dir), splits
-        ), source
-    except (
-        Exception
-    ) as error:  # datasets raises many types (RuntimeError, ConnectionError, DatasetNotFoundError..)
+        raw = _select_splits(suite, _hub_load(suite.hub_id, suite.hub_config, None, cache_dir), splits)
+        logger.info("%s: loaded from %s", suite.name, source)
+        return raw, source
+    # datasets raises many types (RuntimeError, ConnectionError, DatasetNotFoundError, ...)
+    except Exception as error:
         attempts.append((source, _reason(error)))
         script_repo = SCRIPT_ERROR_TEXT in str(error)
 
@@ -352,7 +351,11 @@ def load_from_sources(
     if script_repo:
         try:
             loaded = _hub_load(suite.hub_id, export_config, PARQUET_EXPORT_REVISION, cache_dir)
-            return _select_splits(suite, loaded, splits), source
+            raw = _select_splits(suite, loaded, splits)
+            logger.warning(
+                "%s: the Hub dataset failed (%s); loaded from %s", suite.name, attempts[0][1], source
+            )
+            return raw, source
         except Exception as error:
             attempts.append((source, _reason(error)))
     else:
@@ -364,7 +367,9 @@ def load_from_sources(
         urls = {s: suite.original.urls[s] for s in splits}
         source = f"the original {suite.original.format} files ({', '.join(urls.values())})"
         try:
-            return read_original_files(suite, _download(urls, cache_dir)), source
+            raw = read_original_files(suite, _download(urls, cache_dir))
+            logger.warning("%s: the Hub failed (%s); loaded from %s", suite.name, attempts[0][1], source)
+            return raw, source
         except Exception as error:
             attempts.append((source, _reason(error)))
 

@@ -11,7 +11,9 @@ Hub id, columns, labels, protocol and published anchors live in `ptmoe/evaluatio
     python scripts/evaluate_pt.py --model bertimbau-moe-8x --dense_model neuralmind/bert-base-portuguese-cased \\
         --suite assin2,harem-selective,lener-br --tuning lora --output_dir out/eval
 
-    # data mirrored locally: <dir>/assin2/{train,validation,test}.jsonl, <dir>/lener-br/..., ...
+    # on a connected machine: load the datasets (Hub, its parquet export, or the original files) and write parquet
+    python scripts/evaluate_pt.py --suite all --prepare-data /data/pt-bench
+    # then, offline: <dir>/assin2/{train,validation,test}.parquet, <dir>/lener-br/..., ...
     python scripts/evaluate_pt.py --model bertimbau-moe-8x --suite lener-br --data_dir /data/pt-bench --output_dir out/lener
 
     # few-shot: 8 and 16 examples per class, logistic regression on embeddings and LoRA

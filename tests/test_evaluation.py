@@ -79,7 +79,8 @@ def test_tag_sets_are_the_hub_class_labels_in_order(name):
 
 def test_table_records_provenance_protocol_and_anchors():
     for suite in suites.SUITES.values():
-        assert suite.hub_id and suite.licence and suite.verified and suite.unverified and suite.citation
+        assert suite.hub_id and suite.licence and suite.verified and suite.citation
+        assert suite.original is not None and set(suite.original.urls) == set(suites.SPLITS)
         assert suite.protocol.epochs > 0 and suite.protocol.seeds and suite.protocol.source
         for anchor in suite.anchors:
             assert 0 < anchor.value < 1 and anchor.source
@@ -87,6 +88,17 @@ def test_table_records_provenance_protocol_and_anchors():
     assert anchors[("assin2-sts", "BERTimbau-base")] == 0.836
     assert anchors[("assin2-rte", "BERTimbau-large")] == 0.900
     assert anchors[("harem-selective", "BERTimbau-large")] == 0.837
+    assert anchors[("harem-total", "BERTimbau-base")] == 0.776  # neuralmind-ai/portuguese-bert README table
+    assert anchors[("harem-total", "BERTimbau-large")] == 0.785
+    assert suites.get_suite("harem-total").hub_id == "Linguateca/harem"
+    assert "1e-3" in suites.get_suite("harem-total").protocol.source  # BERTimbau's classifier-head lr
+    assert "7,825" in suites.get_suite("lener-br").protocol.source  # PortuLex's copy of LeNER-Br
+    notes = " ".join(
+        s.unverified + s.protocol.source + " ".join(a.source for a in s.anchors)
+        for s in suites.SUITES.values()
+    )
+    for verified_now in ("unverified guesses", "ptmoe issue 16", "macro average", "parquet conversion"):
+        assert verified_now not in notes
     assert anchors[("lener-br", "RoBERTaLexPT-base")] == 0.9073
     assert suites.anchors_for("peluz/lener_br", None, "seqeval") == suites.get_suite("lener-br").anchors
 
@@ -160,8 +172,8 @@ def test_missing_split_file_and_unreachable_hub(tmp_path):
     (tmp_path / "train.jsonl").write_text('{"id": "0", "tokens": ["a"], "ner_tags": [0]}\n')
     with pytest.raises(FileNotFoundError, match=r"LeNER-Br \(lener-br\): no validation/test file"):
         suites.load_suite_data("lener-br", tmp_path)
-    with pytest.raises(ValueError, match=r"peluz/lener_br.*lener-br.*--data_dir"):
-        suites.load_suite_data("lener-br")  # offline in tests: the Hub is unreachable
+    with pytest.raises(ValueError, match=r"peluz/lener_br.*--prepare-data DIR --suite lener-br.*--data_dir"):
+        suites.load_suite_data("lener-br")  # offline in tests: every source of the chain is unreachable
 
 
 # --------------------------------------------------------------------------- running
@@ -228,7 +240,7 @@ def test_quick_run_writes_results_that_render_into_a_card(quick_models, tmp_path
     assert name == "moe"
     assert [(r.dataset_type, r.dataset_config, r.metric_type) for r in eval_results] == [
         ("nilc-nlp/assin2", None, "f1"),
-        ("harem", "selective", "seqeval"),
+        ("Linguateca/harem", "selective", "seqeval"),
     ]
     for result, entry in zip(eval_results, results["results"], strict=True):
         assert result.metric_value == pytest.approx(round(entry["model"]["mean"], 4))

@@ -63,7 +63,16 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         "--data_dir",
         "--data-dir",
         dest="data_dir",
-        help="local mirrors: <dir>/<dataset>/{train,validation,test}.jsonl; 'fixtures' = shipped",
+        help="local mirrors: <dir>/<dataset>/{train,validation,test}.{parquet,jsonl,json,csv} (what "
+        "--prepare-data writes); 'fixtures' = shipped. Default: Hub dataset, its parquet export, original files",
+    )
+    parser.add_argument(
+        "--prepare-data",
+        "--prepare_data",
+        dest="prepare_data",
+        metavar="DIR",
+        help="only load the --suite datasets (Hub, parquet export or original files) and write them as parquet "
+        "into DIR for an offline machine, which reads them with --data_dir DIR; no model is needed",
     )
     parser.add_argument("--seeds", type=_seeds, help="comma list (default: the suite protocol's seeds)")
     parser.add_argument("--epochs", type=float, help="override the protocol's epochs")
@@ -94,7 +103,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         action="store_true",
         help="tiny offline run on the shipped fixtures (builds tiny models if --model is not given)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --output_dir")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty --output_dir (or --prepare-data DIR)"
+    )
     parser.add_argument("--cache_dir")
     return parser
 
@@ -143,7 +154,9 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
     from .suites import resolve_suites
 
     suites = args.suites.split(",") if args.suites else ["all"]
-    resolve_suites(suites)  # unknown names fail before anything is built or loaded
+    resolved = resolve_suites(suites)  # unknown names fail before anything is built or loaded
+    if args.prepare_data is not None:
+        return run_prepare_data(args, resolved)
     output_dir = Path(args.output_dir or ("outputs/evaluate-quick" if args.quick else "outputs/evaluate"))
     overrides = {}
     if args.quick:
@@ -189,6 +202,24 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
     write_results(results, output_dir / "results.json")
     print(format_results(results))
     print(f"results: {output_dir / 'results.json'}")
+    return 0
+
+
+def run_prepare_data(args: argparse.Namespace, suites) -> int:
+    """`ptmoe evaluate --prepare-data DIR`: write the suites' splits as parquet; prints where each came from."""
+    from .sources import prepare_suite_data
+
+    if args.data_dir is not None:
+        raise ValueError(
+            "--prepare-data loads the datasets from the internet and writes them into its folder; --data_dir is "
+            "where an offline run reads that folder back. Pass only one of them."
+        )
+    written = prepare_suite_data(
+        suites, args.prepare_data, overwrite=args.overwrite, cache_dir=args.cache_dir
+    )
+    for folder, source in written.items():
+        print(f"{folder}: {source}")
+    print(f"data: {args.prepare_data} (evaluate offline with --data_dir {args.prepare_data})")
     return 0
 
 

@@ -1,26 +1,35 @@
 """The Portuguese benchmark suites, as data: one table of datasets, their schema, protocol and published numbers.
 
-Each `Suite` names a Hub dataset (id, configuration, split names), the columns and label set of its schema, its
-licence, the fine-tuning protocol of the paper that reported the reference numbers, and those numbers ("anchors").
-`load_suite_data` reads a suite from the Hub or from local files that mirror it (the same columns; labels as the
-Hub's integer ids or as label names), casts the label columns to the suite's `ClassLabel`s and checks the schema,
-so a wrong column or label set fails early with the dataset's name in the message.
+Each `Suite` names a Hub dataset (id, configuration, split names), the original files its old loading script read,
+the columns and label set of its schema, its licence, the fine-tuning protocol of the paper that reported the
+reference numbers, and those numbers ("anchors"). `load_suite_data` reads a suite from local files that mirror it
+(the same columns; labels as integer ids or as label names) or, without them, through the loading chain of
+`ptmoe.evaluation.sources` (Hub dataset → the Hub's parquet export → the original files); it casts the label columns
+to the suite's `ClassLabel`s and checks the schema, so a wrong column or label set fails early with the dataset's
+name in the message.
 
-Provenance (checked with the search tools on 2026-12-02; `verified` / `unverified` on each entry say what):
-- ASSIN 2: Hub loading script and `dataset_infos.json` of `assin2` (now `nilc-nlp/assin2`): columns
-  sentence_pair_id, premise, hypothesis, relatedness_score (float32, 1-5), entailment_judgment
-  ClassLabel [NONE, ENTAILMENT]; splits train 6,500 / validation 500 / test 2,448; licence "unknown" on the card.
-- HAREM: the `harem` loading script of huggingface/datasets: configs "default" (10 classes, "total") and
-  "selective" (5 classes); columns id, tokens, ner_tags (ClassLabel: O, B-/I- of PESSOA, ORGANIZACAO, LOCAL,
-  TEMPO, VALOR [, ABSTRACCAO, ACONTECIMENTO, COISA, OBRA, OUTRO]); train/validation = First HAREM split of
-  BERTimbau, test = MiniHAREM; one example per *document*; licence "unknown" on the card.
+Provenance (checked with the search tools on 2026-12-02 and 2026-12-05; `verified` / `unverified` on each entry):
+- ASSIN 2: loading script and `dataset_infos.json` of `assin2` (now `nilc-nlp/assin2`): columns sentence_pair_id,
+  premise, hypothesis, relatedness_score (float32, 1-5), entailment_judgment ClassLabel [NONE, ENTAILMENT]; splits
+  train 6,500 / validation 500 / test 2,448; the script read three XML files (Google Drive links) of
+  `<pair id entailment similarity><t/><h/></pair>`; licence "unknown" on the card. The ASSIN evaluation script
+  (Erick Fonseca's assin-eval) reports RTE as sklearn's macro F1 and STS as Pearson's r.
+- HAREM: the `harem` loading script of huggingface/datasets, whose Hub repository is now `Linguateca/harem` (it
+  still holds `harem.py`, and on its latest revision a third party's small `train.parquet` / `validation.parquet`
+  that are not the First HAREM splits): configs "default" (10 classes, "total") and "selective" (5 classes);
+  columns id, tokens, ner_tags (ClassLabel: O, B-/I- of PESSOA, ORGANIZACAO, LOCAL, TEMPO, VALOR [, ABSTRACCAO,
+  ACONTECIMENTO, COISA, OBRA, OUTRO]); train / validation / test = FirstHAREM-{total,selective}-train.json /
+  -dev.json / MiniHAREM-{total,selective}.json of neuralmind-ai/portuguese-bert `ner_evaluation/data`; words split
+  at whitespace and punctuation; one example per *document*; licence "unknown" on the card.
 - LeNER-Br: the `lener_br` loading script (now `peluz/lener_br`): columns id, tokens, ner_tags (ClassLabel: O,
-  B-/I- of ORGANIZACAO, PESSOA, TEMPO, LOCAL, LEGISLACAO, JURISPRUDENCIA); splits train/validation/test;
-  licence "unknown" on the card.
-- Anchors: LeNER-Br 88.34 (BERTimbau-base) and 90.73 (RoBERTaLexPT-base) from the RoBERTaLexPT-base model card
-  (PortuLex benchmark, test split, seqeval scheme IOB2). HAREM protocol (BERT without CRF: 50 epochs, batch 16)
-  from neuralmind-ai/portuguese-bert `ner_evaluation/README.md`. The BERTimbau ASSIN 2 and MiniHAREM numbers are
-  the ones quoted in ptmoe issue 16 from Souza et al. (2020); the paper itself was not re-read here.
+  B-/I- of ORGANIZACAO, PESSOA, TEMPO, LOCAL, LEGISLACAO, JURISPRUDENCIA); files leNER-Br/{train/train,dev/dev,
+  test/test}.conll of github.com/peluz/lener-br (`word TAG` per line); licence "unknown" on the card.
+- Anchors: ASSIN 2 and MiniHAREM from the evaluation table of the neuralmind-ai/portuguese-bert README (STS
+  Pearson 0.836 / 0.852, RTE F1 89.2 / 90.0, MiniHAREM 5 classes 83.1 / 83.7, 10 classes 77.6 / 78.5, base /
+  large). LeNER-Br 88.34 (BERTimbau-base) and 90.73 (RoBERTaLexPT-base) from the RoBERTaLexPT-base model card
+  (PortuLex benchmark, test split, seqeval scheme IOB2). HAREM protocol from neuralmind-ai/portuguese-bert
+  `ner_evaluation/README.md` and the argument defaults of its `trainer.py` (which the README says are the values
+  of the experiments).
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .sources import OriginalFiles
 
 FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
 #: Suffixes of local files that mirror a split, in the order they are looked for.
@@ -75,6 +86,10 @@ class Suite:
         pretty_name (`str`): the name shown on cards.
         task_type (`str`): `"regression"`, `"classification"` (sentence or pair) or `"ner"` (BIO tags per word).
         hub_id (`str`), hub_config (`str | None`): `datasets.load_dataset(hub_id, hub_config)`.
+        export_config (`str`, *optional*): the configuration's folder in the Hub's parquet export
+            (`refs/convert/parquet`, named after the loading script's builder configs; default `hub_config`, else
+            `"default"`).
+        original (`OriginalFiles`, *optional*): the files the old loading script downloaded, and their format.
         splits (`dict[str, str]`): ptmoe split (`train`, `validation`, `test`) → the dataset's split name.
         columns (`dict[str, str]`): role → column. Sentence tasks: `text`, `text_pair`, `label`; NER: `tokens`,
             `tags`.
@@ -107,6 +122,8 @@ class Suite:
     verified: str = ""
     unverified: str = ""
     citation: str = ""
+    export_config: str | None = None
+    original: OriginalFiles | None = None
 
     @property
     def fixture_dir(self) -> Path:
@@ -122,7 +139,19 @@ def _bio(*types: str) -> tuple[str, ...]:
     return ("O",) + tuple(f"{prefix}-{t}" for t in types for prefix in ("B", "I"))
 
 
+#: The ClassLabel of ASSIN 2's `entailment_judgment` (assin2.py), shared by the two ASSIN 2 suites.
+ASSIN2_ENTAILMENT_LABELS = ("NONE", "ENTAILMENT")
 _ASSIN2_COLUMNS = {"text": "premise", "text_pair": "hypothesis"}
+_ASSIN2_ORIGINAL = OriginalFiles(
+    format="assin2-xml",
+    urls={
+        # assin2-train-only.xml, assin2-dev.xml, assin2-test.xml on Google Drive, as in assin2.py
+        "train": "https://drive.google.com/u/0/uc?id=1Q9j1a83CuKzsHCGaNulSkNxBm7Dkn7Ln&export=download",
+        "validation": "https://drive.google.com/u/0/uc?id=1kb7xq6Mb3eaqe9cOAo70BaG9ypwkIqEU&export=download",
+        "test": "https://drive.google.com/u/0/uc?id=1J3FpQaHxpM-FDfBUyooh-sZF-B-bM_lU&export=download",
+    },
+    source="huggingface/datasets datasets/assin2/assin2.py (_URLS; splits train / dev / test)",
+)
 _ASSIN2_SPLITS = {"train": "train", "validation": "validation", "test": "test"}
 _ASSIN2_CITATION = (
     "Real, Fonseca, Gonçalo Oliveira (2020). The ASSIN 2 shared task: a quick overview. PROPOR 2020, 406-412."
@@ -137,9 +166,10 @@ _ASSIN2_PROTOCOL = Protocol(
         "paper's exact ASSIN 2 hyperparameters were not verified here."
     ),
 )
-_BERTIMBAU = (
-    "Souza, Nogueira, Lotufo (2020), BERTimbau, BRACIS; as quoted in ptmoe issue 16 (paper not re-read)"
-)
+_BERTIMBAU = "Souza, Nogueira, Lotufo (2020), BERTimbau, BRACIS: evaluation table of the neuralmind-ai/portuguese-bert README"
+# The README table does not say which NER architecture its rows are; the BERTimbau paper's NER table, as recalled
+# (not re-read: the search tools hold no copy of it), lists these values on its BERTimbau + CRF rows.
+_BERTIMBAU_NER = _BERTIMBAU + " (BERT-CRF rows of the paper, 15 epochs; ptmoe fine-tunes without a CRF)"
 _HAREM_TAGS = ("PESSOA", "ORGANIZACAO", "LOCAL", "TEMPO", "VALOR")
 _HAREM_TOTAL_TAGS = _HAREM_TAGS + ("ABSTRACCAO", "ACONTECIMENTO", "COISA", "OBRA", "OUTRO")
 _HAREM_PROTOCOL = Protocol(
@@ -148,17 +178,35 @@ _HAREM_PROTOCOL = Protocol(
     batch_size=16,
     max_length=512,
     source=(
-        "neuralmind-ai/portuguese-bert ner_evaluation/README.md, BERT without CRF: 50 epochs, batch 16 (2 x 8 "
-        "accumulation) - verified. lr 5e-5 and 512 tokens are unverified guesses of the script defaults; BERTimbau "
-        "reads each document in 512-token windows with context, ptmoe splits documents into chunks of whole sentences "
-        "(split_long_documents) and scores every word; each run's final model is scored (BERTimbau keeps the best "
-        "epoch on validation)."
+        "neuralmind-ai/portuguese-bert ner_evaluation: BERT without CRF 50 epochs, batch 16 (2 x 8 accumulation) "
+        "(README); lr 5e-5, 512 tokens, doc stride 128, warm-up 10% (trainer.py defaults, the experiments' values "
+        "per the README) - verified. BERTimbau trains the classifier head (and CRF) at lr 1e-3 (classifier_lr); "
+        "ptmoe uses one lr for all weights. BERTimbau reads each document in 512-token windows with context, ptmoe "
+        "splits documents into chunks of whole sentences (split_long_documents) and scores every word; each run's "
+        "final model is scored (BERTimbau keeps the best epoch on validation)."
     ),
 )
 _HAREM_CITATION = "Santos, Seco, Cardoso, Vilela (2006). HAREM: An Advanced NER Evaluation Contest for Portuguese. LREC 2006."
+_NEURALMIND_DATA = (
+    "https://raw.githubusercontent.com/neuralmind-ai/portuguese-bert/master/ner_evaluation/data"
+)
+
+
+def _harem_original(scenario: str) -> OriginalFiles:
+    return OriginalFiles(
+        format="harem-json",
+        urls={
+            "train": f"{_NEURALMIND_DATA}/FirstHAREM-{scenario}-train.json",
+            "validation": f"{_NEURALMIND_DATA}/FirstHAREM-{scenario}-dev.json",
+            "test": f"{_NEURALMIND_DATA}/MiniHAREM-{scenario}.json",
+        },
+        source="huggingface/datasets datasets/harem/harem.py (_URLs; train / dev / test = MiniHAREM)",
+    )
+
+
 _HAREM_COMMON = dict(
     task_type="ner",
-    hub_id="harem",
+    hub_id="Linguateca/harem",
     splits={"train": "train", "validation": "validation", "test": "test"},
     columns={"tokens": "tokens", "tags": "ner_tags"},
     metric="overall_f1",
@@ -167,11 +215,15 @@ _HAREM_COMMON = dict(
     licence="unknown",
     protocol=_HAREM_PROTOCOL,
     metric_kwargs={},  # conlleval-style micro F1 (seqeval default mode), as the BERTimbau NER code reports
-    verified="configs, columns, tag names and order, split roles: huggingface/datasets datasets/harem/harem.py.",
+    verified=(
+        "configs, columns, tag names and order, split roles, source files: huggingface/datasets "
+        "datasets/harem/harem.py; protocol (lr 5e-5, 512 tokens, 50 epochs, batch 16) and the MiniHAREM anchors: "
+        "neuralmind-ai/portuguese-bert."
+    ),
     unverified=(
-        "`harem` is a loading script: datasets >= 4 no longer runs scripts, so the Hub id only loads where a "
-        "parquet conversion is served; mirror the data locally (arubenruben/harem holds parquet configs "
-        "primeiro_harem_* / mini_harem_*, licence cc-by-4.0 on one revision of its card, not checked further)."
+        "whether the Hub's parquet export of Linguateca/harem exists (the repository holds a loading script, so "
+        "the chain falls back to the original JSON files); the BERT-CRF attribution of the anchors (paper not "
+        "re-read)."
     ),
     citation=_HAREM_CITATION,
 )
@@ -197,9 +249,16 @@ SUITES: dict[str, Suite] = {
                 Anchor("BERTimbau-base", "neuralmind/bert-base-portuguese-cased", 0.836, _BERTIMBAU),
                 Anchor("BERTimbau-large", "neuralmind/bert-large-portuguese-cased", 0.852, _BERTIMBAU),
             ),
-            verified="columns, dtypes, splits and sizes: assin2 dataset_infos.json / loading script (nilc-nlp/assin2).",
-            unverified="whether nilc-nlp/assin2 serves parquet files that datasets >= 4 loads without the script.",
+            verified=(
+                "columns, dtypes, splits and sizes, source files: assin2 dataset_infos.json / loading script "
+                "(nilc-nlp/assin2); anchors: the neuralmind-ai/portuguese-bert README."
+            ),
+            unverified=(
+                "which chain step serves nilc-nlp/assin2 today (its latest visible snapshot still holds assin2.py); "
+                "the protocol (see protocol.source)."
+            ),
             citation=_ASSIN2_CITATION,
+            original=_ASSIN2_ORIGINAL,
         ),
         Suite(
             name="assin2-rte",
@@ -209,7 +268,7 @@ SUITES: dict[str, Suite] = {
             hub_config=None,
             splits=_ASSIN2_SPLITS,
             columns={**_ASSIN2_COLUMNS, "label": "entailment_judgment"},
-            labels=("NONE", "ENTAILMENT"),
+            labels=ASSIN2_ENTAILMENT_LABELS,
             metric="f1",
             metric_type="f1",
             metric_kwargs={
@@ -222,12 +281,13 @@ SUITES: dict[str, Suite] = {
                 Anchor("BERTimbau-base", "neuralmind/bert-base-portuguese-cased", 0.892, _BERTIMBAU),
                 Anchor("BERTimbau-large", "neuralmind/bert-large-portuguese-cased", 0.900, _BERTIMBAU),
             ),
-            verified="columns, ClassLabel [NONE, ENTAILMENT], splits: assin2 dataset_infos.json / loading script.",
-            unverified=(
-                "that the published F1 is the macro average (the ASSIN 2 shared-task metric) - taken from the task "
-                "description, not from the paper; Hub loading as for assin2-sts."
+            verified=(
+                "columns, ClassLabel [NONE, ENTAILMENT], splits: assin2 dataset_infos.json / loading script; macro "
+                "F1: the ASSIN evaluation script; anchors: the neuralmind-ai/portuguese-bert README."
             ),
+            unverified="Hub loading and protocol as for assin2-sts.",
             citation=_ASSIN2_CITATION,
+            original=_ASSIN2_ORIGINAL,
         ),
         Suite(
             name="harem-selective",
@@ -235,9 +295,10 @@ SUITES: dict[str, Suite] = {
             hub_config="selective",
             labels=_bio(*_HAREM_TAGS),
             anchors=(
-                Anchor("BERTimbau-base", "neuralmind/bert-base-portuguese-cased", 0.831, _BERTIMBAU),
-                Anchor("BERTimbau-large", "neuralmind/bert-large-portuguese-cased", 0.837, _BERTIMBAU),
+                Anchor("BERTimbau-base", "neuralmind/bert-base-portuguese-cased", 0.831, _BERTIMBAU_NER),
+                Anchor("BERTimbau-large", "neuralmind/bert-large-portuguese-cased", 0.837, _BERTIMBAU_NER),
             ),
+            original=_harem_original("selective"),
             **_HAREM_COMMON,
         ),
         Suite(
@@ -245,7 +306,11 @@ SUITES: dict[str, Suite] = {
             pretty_name="MiniHAREM (10 classes)",
             hub_config="default",
             labels=_bio(*_HAREM_TOTAL_TAGS),
-            anchors=(),  # no 10-class number was given with the issue; none is invented here
+            anchors=(
+                Anchor("BERTimbau-base", "neuralmind/bert-base-portuguese-cased", 0.776, _BERTIMBAU_NER),
+                Anchor("BERTimbau-large", "neuralmind/bert-large-portuguese-cased", 0.785, _BERTIMBAU_NER),
+            ),
+            original=_harem_original("total"),
             **_HAREM_COMMON,
         ),
         Suite(
@@ -269,7 +334,8 @@ SUITES: dict[str, Suite] = {
                 max_length=256,
                 source=(
                     "unverified: the PortuLex fine-tuning recipe behind the anchors was not found; 10 epochs, lr "
-                    "2e-5 is what public BERTimbau LeNER-Br fine-tunes on the Hub use."
+                    "2e-5 is what public BERTimbau LeNER-Br fine-tunes on the Hub use. The anchors were measured on "
+                    "PortuLex's copy of LeNER-Br (7,825 train sentences)."
                 ),
             ),
             anchors=(
@@ -277,23 +343,35 @@ SUITES: dict[str, Suite] = {
                     "BERTimbau-base",
                     "neuralmind/bert-base-portuguese-cased",
                     0.8834,
-                    "RoBERTaLexPT-base model card, PortuLex benchmark table (test split, seqeval IOB2)",
+                    "RoBERTaLexPT-base model card, PortuLex benchmark table (test split, seqeval IOB2; PortuLex's "
+                    "copy of LeNER-Br, 7,825 train sentences)",
                 ),
                 Anchor(
                     "RoBERTaLexPT-base",
                     "eduagarcia/RoBERTaLexPT-base",
                     0.9073,
-                    "RoBERTaLexPT-base model card, model-index (test split, seqeval IOB2)",
+                    "RoBERTaLexPT-base model card, model-index (test split, seqeval IOB2; PortuLex's copy of "
+                    "LeNER-Br, 7,825 train sentences)",
                 ),
             ),
             verified=(
-                "columns, tag names and order, splits: huggingface/datasets datasets/lener_br/lener_br.py; anchors: "
-                "the RoBERTaLexPT-base card."
+                "columns, tag names and order, splits, source files: huggingface/datasets "
+                "datasets/lener_br/lener_br.py; anchors: the RoBERTaLexPT-base card (measured on PortuLex's copy, "
+                "7,825 train sentences, where lener_br's dataset_infos.json lists 7,828 / 1,177 / 1,390)."
             ),
             unverified=(
                 "whether the anchors are micro F1 (ptmoe reports seqeval's micro overall_f1) - the PortuLex table "
-                "header says 'Macro F1-Score', its model-index says 'Mean F1'; Hub loading of the script-based repo "
-                "with datasets >= 4."
+                "header says 'Macro F1-Score', its model-index says 'Mean F1'; the protocol (see protocol.source)."
+            ),
+            export_config="lener_br",  # the builder config of lener_br.py names the export's folder
+            original=OriginalFiles(
+                format="conll",
+                urls={
+                    "train": "https://github.com/peluz/lener-br/raw/master/leNER-Br/train/train.conll",
+                    "validation": "https://github.com/peluz/lener-br/raw/master/leNER-Br/dev/dev.conll",
+                    "test": "https://github.com/peluz/lener-br/raw/master/leNER-Br/test/test.conll",
+                },
+                source="huggingface/datasets datasets/lener_br/lener_br.py (_URL + train / dev / test files)",
             ),
             citation=(
                 "Luz de Araujo et al. (2018). LeNER-Br: a Dataset for Named Entity Recognition in Brazilian Legal "
@@ -466,8 +544,10 @@ def load_suite_data(
     Args:
         suite (`Suite` or `str`): the suite.
         data_dir (`str` or `Path`, *optional*): a folder holding `train`, `validation` and `test` files
-            (`.jsonl`, `.json`, `.csv` or `.parquet`) in the dataset's schema, or a `save_to_disk` folder; the
-            string `"fixtures"` means the tiny mirror shipped with ptmoe. Without it, the Hub dataset is loaded.
+            (`.jsonl`, `.json`, `.csv` or `.parquet`) in the dataset's schema (what `ptmoe evaluate --prepare-data`
+            writes), or a `save_to_disk` folder; the string `"fixtures"` means the tiny mirror shipped with ptmoe.
+            Without it, the data is loaded through `sources.load_from_sources` (Hub dataset, the Hub's parquet
+            export, the original files).
         cache_dir (`str`, *optional*): `datasets` cache folder.
         splits (`Sequence[str]`): the ptmoe splits to load (default all three).
 
@@ -476,7 +556,8 @@ def load_suite_data(
 
     Raises:
         FileNotFoundError: a local folder without one of the split files.
-        ValueError: a Hub dataset that cannot be loaded, or data that does not match the suite's schema.
+        SuiteDataError (a `ValueError`): no source could be loaded (the message names each one tried and why).
+        ValueError: data that does not match the suite's schema.
     """
     import datasets
 
@@ -497,7 +578,8 @@ def load_suite_data(
             if absent:
                 raise FileNotFoundError(
                     f"{suite.pretty_name} ({suite.name}): no {'/'.join(absent)} file in {data_dir} (looked for "
-                    f"<split>{'|'.join(LOCAL_SUFFIXES)}). Mirror {suite.hub_id} there with one file per split."
+                    f"<split>{'|'.join(LOCAL_SUFFIXES)}). Write the folder with `ptmoe evaluate --prepare-data DIR` on a "
+                    f"connected machine and pass DIR as --data_dir (it holds one sub-folder per dataset)."
                 )
             builders = {path.suffix: path for path in files.values()}
             if len(builders) > 1:
@@ -511,18 +593,9 @@ def load_suite_data(
                 builder, data_files={s: str(p) for s, p in files.items()}, cache_dir=cache_dir
             )
     else:
-        source = f"the Hub dataset {suite.hub_id}" + (
-            f" (config {suite.hub_config})" if suite.hub_config else ""
-        )
-        try:
-            loaded = datasets.load_dataset(suite.hub_id, suite.hub_config, cache_dir=cache_dir)
-        except Exception as error:  # datasets raises many types (ConnectionError, FileNotFoundError, ...)
-            raise ValueError(
-                f"Could not load {source} for suite {suite.name}: {type(error).__name__}: "
-                f"{str(error).splitlines()[0] if str(error) else ''}. Offline, or where the Hub repository only "
-                f"holds a loading script, mirror the data and pass its folder (--data_dir). {suite.unverified}"
-            ) from None
-        raw = datasets.DatasetDict({s: loaded[suite.splits[s]] for s in splits})
+        from .sources import load_from_sources
+
+        raw, source = load_from_sources(suite, cache_dir=cache_dir, splits=splits)
     raw = datasets.DatasetDict({s: raw[s] for s in splits})
     check_schema(suite, raw, source)
     raw = _cast_labels(suite, raw, source)

@@ -10,11 +10,11 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_BERT, run_without_ptmoe
 from test_training import make_bert_tokenizer
 from transformers import pipeline
 
 import ptmoe
+from conftest import TINY_BERT, run_without_ptmoe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,7 +39,9 @@ def folders(tmp_path_factory):
     paths = {}
     for task, (model_class, extra, _) in TASKS.items():
         torch.manual_seed(0)
-        model = model_class(ptmoe.MoeBertConfig(**{**TINY_BERT, "vocab_size": len(tokenizer)}, **extra)).eval()
+        model = model_class(
+            ptmoe.MoeBertConfig(**{**TINY_BERT, "vocab_size": len(tokenizer)}, **extra)
+        ).eval()
         model.save_pretrained(root / task)
         tokenizer.save_pretrained(root / task)
         paths[task] = root / task
@@ -110,8 +112,12 @@ def test_pipelines_with_trust_remote_code_without_ptmoe(folders, tmp_path):
     got = json.loads((tmp_path / "results.json").read_text())
     for task in TASKS:
         if task == "feature-extraction":
-            torch.testing.assert_close(torch.tensor(got[task]), torch.tensor(expected[task]), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                torch.tensor(got[task]), torch.tensor(expected[task]), atol=1e-5, rtol=1e-5
+            )
             continue
         for g, e in zip(got[task], expected[task], strict=True):
-            assert {k: v for k, v in g.items() if k != "score"} == {k: v for k, v in e.items() if k != "score"}
+            assert {k: v for k, v in g.items() if k != "score"} == {
+                k: v for k, v in e.items() if k != "score"
+            }
             assert g["score"] == pytest.approx(e["score"], abs=1e-5)

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_without_ptmoe
 from sentence_transformers import SentenceTransformer
 from test_training import make_bert_tokenizer
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
 import ptmoe
+from conftest import run_without_ptmoe
 from ptmoe.upcycling import save_upcycled
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,7 +58,9 @@ def write_sentence_transformers_folder(folder: Path, seed: int = 0, tokenizer=No
         {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
     ]
     (folder / "modules.json").write_text(json.dumps(modules))
-    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64, "do_lower_case": False}))
+    (folder / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": 64, "do_lower_case": False})
+    )
     (folder / "1_Pooling").mkdir()
     pooling = {"word_embedding_dimension": 32, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
                "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False}  # fmt: skip

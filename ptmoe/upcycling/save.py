@@ -65,10 +65,16 @@ def _source_tokenizer(source: str | None):
 
 # The files of a sentence-transformers folder beside the transformer's own (module list, max length, prompts and
 # similarity); the modules' sub-folders (1_Pooling/, 2_Normalize/, 2_Dense/ ...) are named in modules.json.
-SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+SENTENCE_TRANSFORMERS_FILES = (
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+)
 
 
-def copy_sentence_transformers_modules(source: str | os.PathLike | None, destination: str | os.PathLike) -> bool:
+def copy_sentence_transformers_modules(
+    source: str | os.PathLike | None, destination: str | os.PathLike
+) -> bool:
     """Copy the sentence-transformers configuration of a local `source` folder into `destination`.
 
     Only the modules after the transformer (pooling, dense, normalize) and their configuration files are copied:

@@ -33,9 +33,11 @@ every batch without touching the model. Per MoE layer, over the real (non-paddin
     load-balancing (`load_balancing_loss`) and router z-loss (`router_z_loss`) recomputed from the
     `RouterOutput`, averaged over forward passes; 0 for routers without parameters (hash), as in the models.
 
-`RouterTelemetryCallback` logs these as ``router/<layer>/<stat>`` (plus ``router/<layer>/expert_<e>_load``)
-through the Trainer's own logging, so every `report_to` integration receives them, and writes
-``expert_load.png`` (a layer × expert heatmap) and ``expert_load_std.png`` at the end of training.
+`RouterTelemetryCallback` logs these as ``router/<layer>/<stat>`` (plus ``router/<layer>/expert_<e>_load``) and
+their mean over the MoE layers as ``router/mean/<stat>`` through the Trainer's own logging, so every `report_to`
+integration receives them, and writes ``expert_load.png`` (a layer × expert heatmap) and ``expert_load_std.png`` at
+the end of training. With ``--report_to mlflow``, `add_router_telemetry` swaps transformers' `MLflowCallback` for
+`MoeMLflowCallback`, which also logs the MoE set-up as run parameters and the two PNGs as run artifacts.
 `routing_statistics` computes the same numbers over any dataloader for offline analysis.
 """
 
@@ -50,9 +52,10 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.integrations import MLflowCallback
 
 from .calibration import moe_blocks, move_to
-from .models.moe import RouterOutput, SparseMoeBlock, layer_router_losses
+from .models.moe import RouterOutput, SparseMoeBlock, count_parameters, layer_router_losses
 from .outputs import save_figure
 from .parallel import all_reduce_vectors
 
@@ -299,6 +302,7 @@ class RouterTelemetryCallback(TrainerCallback):
     Attributes:
         history (`list[dict]`): one entry per training log event: ``{"step": int, "layers": {name: stats}}``.
         totals (`dict[str, dict]`): statistics over the whole run (set at train end), as `routing_statistics`.
+        plots (`list[Path]`): the PNGs written at the last train end (what `MoeMLflowCallback` uploads).
     """
 
     def __init__(
@@ -316,6 +320,7 @@ class RouterTelemetryCallback(TrainerCallback):
         self.prefix = prefix
         self.history: list[dict[str, Any]] = []
         self.totals: dict[str, dict[str, Any]] = {}
+        self.plots: list[Path] = []
         self._accumulator: RoutingAccumulator | None = None
         self._run_sums: dict[str, torch.Tensor] = {}
         self._num_groups: dict[str, int] = {}
@@ -340,6 +345,7 @@ class RouterTelemetryCallback(TrainerCallback):
             )
         self.history = []
         self.totals = {}
+        self.plots = []
         self._run_sums = {}
         self._num_groups = {name: _num_groups(block) for name, block in blocks.items()}
         self._accumulator = RoutingAccumulator(blocks, training_only=True)
@@ -378,14 +384,15 @@ class RouterTelemetryCallback(TrainerCallback):
         if self.plot and state.is_world_process_zero and self.totals:
             output_dir = Path(args.output_dir)
             model = kwargs.get("model")
-            plot_expert_load(
+            heatmap = plot_expert_load(
                 self.totals,
                 output_dir / self.heatmap_file,
                 title=f"Expert load (step {state.global_step})",
                 expert_names=getattr(getattr(model, "config", None), "expert_names", None),
             )
+            self.plots = [heatmap]
             if self.history:
-                plot_load_std_curve(self.history, output_dir / self.curve_file)
+                self.plots.append(plot_load_std_curve(self.history, output_dir / self.curve_file))
 
     # -- helpers -----------------------------------------------------------------------------------------------
     def _flush(self, args: TrainingArguments) -> dict[str, dict[str, Any]]:
@@ -402,8 +409,12 @@ class RouterTelemetryCallback(TrainerCallback):
         return {name: summarize_sums(sums, self._num_groups.get(name, 1)) for name, sums in vectors.items()}
 
     def flatten(self, stats: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-        """``{"router/<layer>/<stat>": value}`` for every layer of `stats` (the keys this callback logs)."""
+        """``{"router/<layer>/<stat>": value}`` for every layer of `stats` (the keys this callback logs), and
+        ``router/mean/<stat>``: the unweighted mean over layers, one curve per statistic for the whole model."""
         flat: dict[str, float] = {}
+        if stats:
+            for key in LAYER_STAT_KEYS:
+                flat[f"{self.prefix}/mean/{key}"] = sum(float(s[key]) for s in stats.values()) / len(stats)
         for layer, layer_stats in stats.items():
             for key in LAYER_STAT_KEYS:
                 flat[f"{self.prefix}/{layer}/{key}"] = float(layer_stats[key])
@@ -415,11 +426,77 @@ class RouterTelemetryCallback(TrainerCallback):
         return flat
 
 
+def moe_run_params(model: nn.Module) -> dict[str, Any]:
+    """The MoE set-up of `model` as flat run parameters (``moe.*``), for experiment trackers.
+
+    The config fields (`num_experts`, `num_experts_per_tok`, `router_type`, `capacity_factor`, `expert_capacity`,
+    …) are logged by transformers' `MLflowCallback` under their own names; these add what the config does not state
+    directly: the routing algorithm under the name trackers of MoE runs use, which layers are MoE layers, and the
+    total and per-token active parameter counts.
+
+    Args:
+        model (`nn.Module`): a ptmoe model, possibly wrapped (PEFT, DDP).
+    """
+    blocks = find_moe_blocks(model)
+    config = getattr(model, "config", None)
+    params: dict[str, Any] = {
+        "moe.routing_algorithm": getattr(config, "router_type", None),
+        "moe.num_moe_layers": len(blocks),
+        "moe.layers": ",".join(blocks),
+    }
+    if getattr(config, "num_experts_per_tok", None) is not None:
+        counts = count_parameters(model)
+        params["moe.total_parameters"] = counts["total"]
+        params["moe.active_parameters"] = counts["active"]
+    return params
+
+
+class MoeMLflowCallback(MLflowCallback):
+    """transformers' `MLflowCallback` plus the MoE view of a run: `moe_run_params` as run parameters and the
+    `RouterTelemetryCallback` PNGs as artifacts (under ``router/``).
+
+    Router metrics need nothing extra: the telemetry callback, placed ahead of this one by `add_router_telemetry`,
+    has already added ``router/...`` keys to the `logs` that `MLflowCallback.on_log` records at every logging step.
+    Everything else (``MLFLOW_TRACKING_URI``, ``MLFLOW_EXPERIMENT_NAME``, run names, nested runs) is transformers'.
+
+    Args:
+        telemetry (`RouterTelemetryCallback`, *optional*): whose `plots` to upload at train end.
+        end_run_on_train_end (`bool`, defaults to `True`): end the run when training ends, as `MLflowCallback`
+            does. `ptmoe.training.train_evaluate_save` turns it off and calls `end_run` after evaluation, so the
+            evaluation metrics join the training run instead of starting a new, unnamed one.
+    """
+
+    def __init__(self, telemetry: RouterTelemetryCallback | None = None, end_run_on_train_end: bool = True):
+        super().__init__()
+        self.telemetry = telemetry
+        self.end_run_on_train_end = end_run_on_train_end
+
+    def setup(self, args, state, model):
+        super().setup(args, state, model)
+        if state.is_world_process_zero and model is not None and find_moe_blocks(model):
+            params = {k: v for k, v in moe_run_params(model).items() if v is not None}
+            self._ml_flow.log_params(params)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._initialized and state.is_world_process_zero and self.telemetry is not None:
+            for path in self.telemetry.plots:
+                self._ml_flow.log_artifact(str(path), artifact_path="router")
+        if self.end_run_on_train_end:
+            super().on_train_end(args, state, control, **kwargs)
+
+    def end_run(self) -> None:
+        """End the run this callback started (a no-op when it joined a run the caller had started)."""
+        if self._initialized and self._auto_end_run and self._ml_flow.active_run() is not None:
+            self._ml_flow.end_run()
+
+
 def add_router_telemetry(trainer, callback: RouterTelemetryCallback | None = None) -> RouterTelemetryCallback:
     """Add a `RouterTelemetryCallback` to `trainer`, ahead of its `report_to` integrations.
 
     The Trainer calls callbacks in list order with the same `logs` dict; placing the telemetry callback right
     after the Trainer's built-in flow/progress callbacks lets TensorBoard, MLflow, W&B, … log the router keys.
+    With ``report_to`` mlflow, transformers' `MLflowCallback` is replaced in place by a `MoeMLflowCallback` linked
+    to the telemetry callback (MoE parameters, expert-load PNGs as artifacts).
 
     Args:
         trainer (`transformers.Trainer`): the trainer to instrument.
@@ -438,7 +515,30 @@ def add_router_telemetry(trainer, callback: RouterTelemetryCallback | None = Non
     )
     callbacks.insert(position, callback)
     callback._placed_before_integrations = True
+    use_moe_mlflow(trainer, telemetry=callback)
     return callback
+
+
+def use_moe_mlflow(trainer, telemetry: RouterTelemetryCallback | None = None) -> MoeMLflowCallback | None:
+    """Replace transformers' `MLflowCallback` of `trainer` (``report_to`` mlflow) by a `MoeMLflowCallback` in the
+    same place (idempotent; a user's own subclass of `MLflowCallback` is left alone).
+
+    Args:
+        trainer (`transformers.Trainer`): the trainer.
+        telemetry (`RouterTelemetryCallback`, *optional*): linked to the callback, whose PNGs it uploads.
+
+    Returns:
+        The `MoeMLflowCallback` of `trainer`, or `None` when the trainer does not report to MLflow.
+    """
+    callbacks = trainer.callback_handler.callbacks
+    for index, existing in enumerate(callbacks):
+        if type(existing) is MLflowCallback:  # exactly transformers' own
+            existing = callbacks[index] = MoeMLflowCallback()
+        if isinstance(existing, MoeMLflowCallback):
+            if telemetry is not None:
+                existing.telemetry = telemetry
+            return existing
+    return None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -571,12 +671,15 @@ def plot_load_std_curve(history: list[Mapping[str, Any]], path: str | Path) -> P
 
 __all__ = [
     "LAYER_STAT_KEYS",
+    "MoeMLflowCallback",
     "RouterTelemetryCallback",
     "RoutingAccumulator",
     "add_router_telemetry",
     "find_moe_blocks",
+    "moe_run_params",
     "plot_expert_load",
     "plot_load_std_curve",
     "routing_statistics",
     "summarize_sums",
+    "use_moe_mlflow",
 ]

@@ -26,6 +26,7 @@ from ptmoe import training
 from ptmoe.calibration import load_texts
 from ptmoe.compress.distillation import _TextDataset, check_teacher, distillation_trainer
 from ptmoe.errors import run_script
+from ptmoe.telemetry import add_router_telemetry, find_moe_blocks
 
 
 @dataclass
@@ -78,6 +79,9 @@ def main(args: list[str] | None = None) -> dict:
         distill_args.output_weight,
         distill_args.temperature,
     )
+    # Router telemetry of the student (and with --report_to mlflow its MoE parameters and expert-load PNGs).
+    if find_moe_blocks(trainer.model):
+        add_router_telemetry(trainer)
     result = trainer.train()
     trainer.save_model()
     if trainer.is_world_process_zero():

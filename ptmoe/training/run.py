@@ -37,7 +37,8 @@ def train_evaluate_save(
     The model (or, with LoRA, the adapter) and the tokenizer are written to `args.output_dir` by
     `Trainer.save_model`, which writes on the main process only; with `--merge_lora` the merged model also goes to
     `<output_dir>/merged`. Router telemetry is attached when `--router_telemetry` is on and the model has MoE
-    layers.
+    layers. With `mlflow` in `--report_to`, training and evaluation are logged to one MLflow run
+    (`ptmoe.telemetry.MoeMLflowCallback`: MoE parameters, router metrics, expert-load PNGs).
 
     Args:
         trainer (`Trainer`): a configured trainer.
@@ -48,11 +49,33 @@ def train_evaluate_save(
     Returns:
         `dict` of train and eval metrics.
     """
-    from ..energy import use_offline_codecarbon, write_energy_report
-    from ..telemetry import add_router_telemetry, find_moe_blocks
+    from ..telemetry import add_router_telemetry, find_moe_blocks, use_moe_mlflow
 
     if model_args.router_telemetry and do_train and find_moe_blocks(trainer.model):
         add_router_telemetry(trainer)
+    # With --report_to mlflow the evaluation below belongs to the training run: keep it open until the end.
+    mlflow = use_moe_mlflow(trainer)
+    if mlflow is not None:
+        mlflow.end_run_on_train_end = False
+    try:
+        metrics = _train_and_evaluate(trainer, model_args, do_train, do_eval, perplexity)
+    finally:
+        if mlflow is not None:
+            mlflow.end_run()
+    if do_train and model_args.merge_lora:
+        save_merged(trainer)
+    args = trainer.args
+    # One line per process (logging is quiet on replicas): shows that every rank of a distributed run finished.
+    print(f"ptmoe: process {args.process_index + 1}/{args.world_size} finished", flush=True)
+    return metrics
+
+
+def _train_and_evaluate(
+    trainer, model_args: ModelArguments, do_train: bool, do_eval: bool, perplexity: bool
+) -> dict:
+    """The body of `train_evaluate_save`: train (with energy tracking), save, evaluate, write the metrics."""
+    from ..energy import use_offline_codecarbon, write_energy_report
+
     energy = use_offline_codecarbon(
         trainer,
         getattr(model_args, "energy_country_iso_code", None),
@@ -81,11 +104,6 @@ def train_evaluate_save(
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
-    if do_train and model_args.merge_lora:
-        save_merged(trainer)
-    args = trainer.args
-    # One line per process (logging is quiet on replicas): shows that every rank of a distributed run finished.
-    print(f"ptmoe: process {args.process_index + 1}/{args.world_size} finished", flush=True)
     return metrics
 
 

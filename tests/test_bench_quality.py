@@ -67,3 +67,29 @@ def test_bad_input_exits_with_one_line(tmp_path, capsys):
             ["--quick", "--mode", "domains", "--train_file", str(corpus), "--output_dir", str(tmp_path / "o")]
         )
     assert exit_info.value.code == 2 and "needs >= 2 domains" in capsys.readouterr().err
+
+
+def test_quick_contrastive_stages(tmp_path):
+    """--objective contrastive: upcycle (equal steps and equal wall time), domains (BTX, saved) and lora (on them)."""
+    bench = load_script("bench_quality")
+    common = ["--quick", "--objective", "contrastive", "--seeds", "1", "--threads", "1"]
+    up = bench.main([*common, "--output_dir", str(tmp_path / "u")])
+    assert set(up["runs"]) == {"dense", "copy top-1", "drop top-1", "copy top-2", "drop top-2"}
+    for (run,) in up["runs"].values():
+        assert run["equal steps"]["step"] == 6 and set(run["equal steps"]) >= {"overall", *up["domains"]}
+        assert 0 <= run["equal wall"]["overall"]["recall@1"] <= 1
+    assert up["params"]["copy top-1"]["active"] == pytest.approx(up["params"]["dense"]["active"], rel=0.02)
+    assert "| copy top-2 |" in (tmp_path / "u" / "contrastive_upcycle.md").read_text()
+    btx = tmp_path / "d"
+    domains = bench.main([*common, "--mode", "domains", "--mix_domain_loss_coef", "0.1", "--save_models",
+                          "--output_dir", str(btx)])  # fmt: skip
+    assert (
+        "merged MoE (after MiX)" in domains["runs"] and (btx / "seed0" / "merged" / "config.json").is_file()
+    )
+    lora = bench.main([*common, "--mode", "lora", "--btx_dir", str(btx), "--output_dir", str(tmp_path / "l")])
+    assert len(lora["runs"]) == 4  # two MoE + LoRA per expert, two budget-matched dense + LoRA
+    budgets = list(lora["trainable"].values())
+    for moe, dense in zip(budgets[::2], budgets[1::2], strict=True):
+        assert dense == pytest.approx(moe, rel=0.35)  # dense rank rounded to the nearest whole rank
+    with pytest.raises(SystemExit):
+        bench.main([*common, "--mode", "lora", "--objective", "mlm", "--output_dir", str(tmp_path / "x")])

@@ -90,6 +90,7 @@ def sentence_embeddings(
     if pooling not in ("cls", "mean"):
         raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
     from ..training import resolve_max_length
+    from .retrieval import mean_pool
 
     tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, cache_dir=cache_dir)
     model = AutoModel.from_pretrained(model_name_or_path, cache_dir=cache_dir).eval()
@@ -111,8 +112,7 @@ def sentence_embeddings(
             if pooling == "cls":
                 pooled = hidden[:, 0]
             else:
-                mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+                pooled = mean_pool(hidden, encoded["attention_mask"], normalize=False)
             outputs.append(pooled.float().numpy())
     return np.concatenate(outputs)
 

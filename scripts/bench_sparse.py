@@ -43,6 +43,7 @@ from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, T5Conf
 
 import ptmoe
 from ptmoe.evaluation.retrieval import embed, reference_encoder, retrieval_scores, split_halves
+from ptmoe.hardware import cpu_description
 from ptmoe.sparsify.pipeline import active_ffn_share, sparsify
 from ptmoe.upcycling import PARTITION_STRATEGIES
 
@@ -62,6 +63,10 @@ def sparse_variants(intermediate: int) -> dict[str, dict]:
     return {
         "1/4 (E=8, k=2)": dict(
             num_experts=8, num_experts_per_tok=2, expert_intermediate_size=intermediate // 8
+        ),
+        # Fewer, larger experts at the same active share: half as many expert calls per layer.
+        "1/4 (E=4, k=1)": dict(
+            num_experts=4, num_experts_per_tok=1, expert_intermediate_size=intermediate // 4
         ),
         "1/4 shared (S=I/8, E=7, k=1)": dict(
             num_experts=7,
@@ -112,43 +117,240 @@ def convert(model: torch.nn.Module, precision: str) -> torch.nn.Module:
     return model.to(torch.bfloat16 if precision == "bf16" else torch.float32)
 
 
+def _forward(model):
+    return lambda input_ids, mask: model(input_ids=input_ids, attention_mask=mask)
+
+
 @torch.inference_mode()
-def time_round_robin(models: dict, batch: int, seq: int, warmup: int, runs: int) -> dict[str, list[float]]:
-    vocab = models["dense"].config.vocab_size
+def time_round_robin(runners: dict, vocab: int, batch: int, seq: int, warmup: int, runs: int) -> dict[str, list[float]]:
+    """Seconds per call of every runner (`name -> callable(input_ids, mask)`), one call each per round."""
     input_ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(batch, seq, dtype=torch.long)
-    times = {name: [] for name in models}
+    times = {name: [] for name in runners}
     for round_index in range(warmup + runs):
-        for name, model in models.items():
+        for name, run in runners.items():
             start = time.perf_counter()
-            model(input_ids=input_ids, attention_mask=mask)
+            run(input_ids, mask)
             if round_index >= warmup:
                 times[name].append(time.perf_counter() - start)
     return times
 
 
+class _LastHidden(torch.nn.Module):
+    """`model(input_ids, attention_mask).last_hidden_state`: a plain tensor-in, tensor-out graph to export."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def export_onnx(model: torch.nn.Module, path: Path) -> Path:
+    """`torch.onnx.export` (the dynamo exporter: the TorchScript one traced shapes as constants and gave wrong
+    outputs at another sequence length) with dynamic batch and sequence axes."""
+    example = (torch.ones(2, 16, dtype=torch.long), torch.ones(2, 16, dtype=torch.long))
+    axes = {0: "batch", 1: "sequence"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        _LastHidden(model).eval(), example, str(path), input_names=["input_ids", "attention_mask"],
+        output_names=["last_hidden_state"], dynamo=True, verbose=False,
+        dynamic_axes={"input_ids": axes, "attention_mask": axes, "last_hidden_state": axes},
+    )  # fmt: skip
+    return path
+
+
+def onnx_runner(path: Path, threads: int):
+    """An ONNX Runtime CPU session as a runner, with `threads` intra-op threads (one inter-op thread)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda input_ids, mask: session.run(
+        None, {"input_ids": input_ids.numpy(), "attention_mask": mask.numpy()}
+    )
+
+
+def onnx_models(dense: torch.nn.Module, folder: Path) -> dict[str, Path]:
+    """The dense fp32 model in ONNX and its dynamic INT8 quantization (`onnxruntime.quantization.quantize_dynamic`,
+    int8 weights, activations quantized per call: the same scheme as torch's dynamic INT8)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fp32 = export_onnx(dense, folder / "dense-fp32.onnx")
+    int8 = folder / "dense-int8.onnx"
+    quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+    return {"fp32": fp32, "int8": int8}
+
+
+def try_sparse_onnx(model: torch.nn.Module, folder: Path) -> str:
+    """Export the sparse MoE to ONNX and run it in ONNX Runtime against torch, or say why it could not be done."""
+    try:
+        path = export_onnx(model, folder / "sparse-fp32.onnx")
+        run = onnx_runner(path, torch.get_num_threads())
+        input_ids, mask = torch.randint(0, 99, (1, 32)), torch.ones(1, 32, dtype=torch.long)
+        with torch.inference_mode():
+            expected = model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        error = (torch.from_numpy(run(input_ids, mask)[0]) - expected).abs().max().item()
+        return f"exported and ran in ONNX Runtime (max abs difference to torch at 1 x 32 tokens: {error:.2e})"
+    except Exception as error:  # the reason is the result here
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        cause = next((line for line in lines if "GuardOnDataDependent" in line or "Unsupported" in line), lines[0])
+        return f"not exported: {type(error).__name__}: {cause.strip()[:300]}"
+
+
+def _row(label, precision, variant, shape, times, name, reference) -> tuple[str, float]:
+    batch, seq = shape
+    per_call = sorted(times[name])
+    median = statistics.median(per_call)
+    p90 = per_call[min(len(per_call) - 1, int(round(0.9 * (len(per_call) - 1))))]
+    ratio = "-"
+    if name != reference:
+        ratios = [d / s for d, s in zip(times[reference], times[name], strict=True)]
+        ratio = f"{statistics.median(ratios):.3f} [{min(ratios):.2f}-{max(ratios):.2f}]"
+    tokens = batch * seq / median
+    return (
+        f"| {label} | {precision} | {batch} x {seq} | {variant} | {tokens:,.0f} | {median * 1e3:.1f} | "
+        f"{p90 * 1e3:.1f} | {ratio} |"
+    ), tokens
+
+
 def speed(args) -> None:
-    shapes = {"bert": BERT_TINY, "t5": T5_TINY} if args.quick else {"bert": BERT_BASE, "t5": T5_BASE}
+    families = {"bert": BERT_TINY, "t5": T5_TINY} if args.quick else {"bert": BERT_BASE, "t5": T5_BASE}
+    families = {family: families[family] for family in args.families}
+    throughput = (2, 16) if args.quick else (args.batch, args.seq)
+    shapes = [throughput] + [(1, seq) for seq in ((8,) if args.quick and args.latency else args.latency)]
+    folder = Path(args.scratch) / "onnx"
+    onnx_paths, onnx_note = {}, None
+    if args.onnx and "bert" in families:
+        dense = build_models("bert", families["bert"])
+        onnx_paths = onnx_models(dense["dense"], folder)
+        onnx_note = try_sparse_onnx(dense["1/4 (E=8, k=2)"], folder)
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        print(f"\n## Speed: {cpu_description(threads)}; torch {torch.__version__}")
+        print(f"{args.runs} rounds at {throughput[0]} x {throughput[1]} tokens, {args.latency_runs} at batch 1; "
+              "one call of each model per round; ratio = median of per-round dense / sparse time [range]")  # fmt: skip
+        print("| model | precision | batch x tokens | variant | tokens/s | median ms | p90 ms | speed / dense [range] |")
+        print("|---|---|---|---|---|---|---|---|")
+        best: dict[tuple[int, int], dict[str, tuple[float, str]]] = {}
+        for family, shape in families.items():
+            label = ("BERT" if family == "bert" else "T5 encoder") + (" (tiny)" if args.quick else "-base")
+            for precision in args.precisions:
+                models = {name: convert(model, precision) for name, model in build_models(family, shape).items()}
+                runners = {name: _forward(model) for name, model in models.items()}
+                if family == "bert" and precision in onnx_paths:
+                    runners[f"dense, ONNX Runtime {onnx_version()}"] = onnx_runner(onnx_paths[precision], threads)
+                vocab = models["dense"].config.vocab_size
+                for batch, seq in shapes:
+                    runs = args.runs if (batch, seq) == throughput else args.latency_runs
+                    times = time_round_robin(runners, vocab, batch, seq, args.warmup, runs)
+                    for name in runners:
+                        line, tokens = _row(label, precision, name, (batch, seq), times, name, "dense")
+                        print(line, flush=True)
+                        kind = "sparse" if name.startswith("1/") else "dense"
+                        slot = best.setdefault((batch, seq), {})
+                        if family == "bert" and tokens > slot.get(kind, (0.0, ""))[0]:
+                            slot[kind] = (tokens, f"{name}, {precision}")
+        for (batch, seq), slot in best.items():
+            if "sparse" in slot and "dense" in slot:
+                print(f"best BERT sparse / best BERT dense at {batch} x {seq}, {threads} threads: "
+                      f"{slot['sparse'][0] / slot['dense'][0]:.2f} ({slot['sparse'][1]}: {slot['sparse'][0]:,.0f} "
+                      f"tokens/s; {slot['dense'][1]}: {slot['dense'][0]:,.0f}; medians of different "
+                      "round-robin groups)")  # fmt: skip
+    if onnx_note:
+        print(f"sparse MoE (1/4, E=8, k=2) in ONNX Runtime: {onnx_note}")
+
+
+def onnx_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Profile: where a sparse forward spends its time
+# --------------------------------------------------------------------------------------------------------------
+PROFILE_PARTS = {
+    "ptmoe.router": "router",
+    "ptmoe.dispatch": "sort + counts",
+    "ptmoe.gather": "gather",
+    "ptmoe.experts": "expert matmuls",
+    "ptmoe.combine": "scatter-add / combine",
+    "bench.attention": "attention",
+    "bench.dense_ffn": "dense FFN",
+}
+
+
+def _label_modules(model: torch.nn.Module) -> list:
+    """`record_function` regions around attention and dense FFN modules (forward pre/post hooks), so that the
+    profile can split a layer; the MoE block labels its own stages (`ptmoe.models.moe_block.PROFILE_REGIONS`)."""
+    names = {"BertAttention": "bench.attention", "T5LayerSelfAttention": "bench.attention",
+             "BertIntermediate": "bench.dense_ffn", "BertOutput": "bench.dense_ffn",
+             "T5LayerFF": "bench.dense_ffn"}  # fmt: skip
+    handles = []
+    for module in model.modules():
+        label = names.get(type(module).__name__)
+        if label is None:
+            continue
+
+        def enter(module, args, label=label):
+            module._bench_region = torch.profiler.record_function(label)
+            module._bench_region.__enter__()
+
+        def leave(module, args, output):
+            module._bench_region.__exit__(None, None, None)
+
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    return handles
+
+
+@torch.inference_mode()
+def profile_forward(model: torch.nn.Module, batch: int, seq: int, runs: int) -> dict[str, float]:
+    """Milliseconds per layer and forward for each labelled part, `other` (embeddings, LayerNorms, residuals,
+    the profiler's own cost) = wall time minus the parts, and `total`."""
+    layers = model.config.num_hidden_layers if hasattr(model.config, "num_hidden_layers") else model.config.num_layers
+    input_ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    model(input_ids=input_ids, attention_mask=mask)  # warm-up
+    handles = _label_modules(model)
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+            start = time.perf_counter()
+            for _ in range(runs):
+                model(input_ids=input_ids, attention_mask=mask)
+            wall = time.perf_counter() - start
+    finally:
+        for handle in handles:
+            handle.remove()
+    scale = 1e3 / (runs * layers)  # seconds -> ms per layer and forward
+    parts = {part: 0.0 for part in PROFILE_PARTS.values()}
+    for event in profiler.key_averages():
+        if event.key in PROFILE_PARTS:
+            parts[PROFILE_PARTS[event.key]] += event.cpu_time_total * 1e-6 * scale
+    parts["other"] = wall * scale - sum(parts.values())
+    parts["total"] = wall * scale
+    return parts
+
+
+def profile(args) -> None:
+    """Per-layer time breakdown of the dense BERT-base and its E=8/k=2 split (how `speed` builds them)."""
+    shape = BERT_TINY if args.quick else BERT_BASE
     batch, seq = (2, 16) if args.quick else (args.batch, args.seq)
-    print(f"\n## Speed: {batch} x {seq} tokens, {args.runs} rounds, {torch.get_num_threads()} threads")
-    print("| model | precision | variant | tokens/s | sparse / dense [range] |")
-    print("|---|---|---|---|---|")
-    for family, shape in shapes.items():
+    columns = list(PROFILE_PARTS.values()) + ["other", "total"]
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        print(f"\n## Profile: ms per layer and forward, {batch} x {seq} tokens, {args.profile_runs} forwards; "
+              f"{cpu_description(threads)}")  # fmt: skip
+        print("| model | precision | " + " | ".join(columns) + " |")
+        print("|---|---|" + "---|" * len(columns))
         for precision in args.precisions:
-            models = {name: convert(model, precision) for name, model in build_models(family, shape).items()}
-            times = time_round_robin(models, batch, seq, args.warmup, args.runs)
-            for name in models:
-                ratios = [d / s for d, s in zip(times["dense"], times[name], strict=True)]
-                tokens = batch * seq / statistics.median(times[name])
-                ratio = (
-                    f"{statistics.median(ratios):.3f} [{min(ratios):.2f}-{max(ratios):.2f}]"
-                    if name != "dense"
-                    else "-"
-                )
-                label = ("BERT" if family == "bert" else "T5 encoder") + (
-                    " (tiny)" if args.quick else "-base"
-                )
-                print(f"| {label} | {precision} | {name} | {tokens:,.0f} | {ratio} |", flush=True)
+            built = build_models("bert", shape)
+            for name in ("dense", "1/4 (E=8, k=2)"):
+                parts = profile_forward(convert(built[name], precision), batch, seq, args.profile_runs)
+                cells = " | ".join("-" if parts[c] == 0 else f"{parts[c]:.2f}" for c in columns)
+                print(f"| {name} | {precision} | {cells} |", flush=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -315,11 +517,26 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, nargs="+", default=[2], help="one table per thread count")
+    parser.add_argument("--families", nargs="+", default=["bert", "t5"], choices=["bert", "t5"])
+    parser.add_argument(
+        "--latency", type=int, nargs="*", default=[32, 128],
+        help="batch-1 request lengths timed per request (median and p90 ms); none: throughput only",
+    )  # fmt: skip
+    parser.add_argument("--latency-runs", type=int, default=30, help="rounds of the batch-1 rows")
+    parser.add_argument(
+        "--onnx", action="store_true",
+        help="add dense BERT in ONNX Runtime (fp32, dynamic INT8) rows and try the sparse model (pip install ptmoe[onnx])",
+    )  # fmt: skip
+    parser.add_argument(
+        "--profile", action="store_true",
+        help="per-layer time breakdown (router, gather, experts, combine, attention) of dense and E=8/k=2 BERT",
+    )  # fmt: skip
+    parser.add_argument("--profile-runs", type=int, default=3)
     parser.add_argument(
         "--precisions", nargs="+", default=["fp32", "bf16", "int8"], choices=["fp32", "bf16", "int8"]
     )
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--runs", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=1)
@@ -349,9 +566,14 @@ def main(argv: list[str] | None = None) -> None:
         "--scratch", default="/tmp/ptmoe-bench-sparse", help="--quick: where the tiny model goes"
     )
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads[0])
     if args.quick:
-        args.runs, args.warmup, args.fit_steps, args.distill_steps = 2, 0, 5, 2
+        args.runs, args.latency_runs, args.warmup, args.fit_steps, args.distill_steps = 2, 2, 0, 5, 2
+        args.profile_runs = 1
+    if args.onnx and importlib.util.find_spec("onnxruntime") is None:
+        raise ValueError("--onnx needs onnxruntime and onnx: pip install 'ptmoe[onnx]'")
+    if args.profile:
+        profile(args)
     if not args.skip_speed:
         speed(args)
     if not args.skip_quality:

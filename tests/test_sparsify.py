@@ -51,10 +51,66 @@ def test_many_small_experts_match_token_by_token_reference(train):
     assert block.experts[int(routing.topk_index[0, 0, 0])].wi.weight.grad is not None
 
 
+def _token_by_token(block, x, routing):
+    reference = torch.zeros_like(x)
+    for b in range(x.shape[0]):
+        for s in range(x.shape[1]):
+            for slot in range(routing.topk_index.shape[-1]):
+                if routing.dispatch_mask[b, s, slot]:
+                    expert = block.experts[int(routing.topk_index[b, s, slot])]
+                    reference[b, s] += routing.topk_weights[b, s, slot] * expert(x[b, s][None])[0]
+    return reference
+
+
+@pytest.mark.parametrize("router", ["topk-2", "topk-1"])
+@pytest.mark.parametrize("combine", ["router", "ones"])
+@pytest.mark.parametrize("max_pairs", [0, 10_000])  # per-expert scatter-add path / sorted gather path
+def test_inference_dispatch_paths_match_token_by_token_reference(router, combine, max_pairs):
+    router_type, k = router.split("-")
+    config = ptmoe.MoeBertConfig(
+        hidden_size=16, num_attention_heads=1, num_experts=4, num_experts_per_tok=int(k), router_type=router_type,
+        combine_weights=combine,
+    )  # fmt: skip
+    block = ptmoe.SparseMoeBlock(config, 16, 8, "gelu").eval()
+    block.sorted_dispatch_max_pairs = max_pairs
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(3, 7, 16)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[1, 5:] = False  # padding: undispatched pairs read the zero row
+    with torch.inference_mode():
+        out, routing = block(x, mask)
+        reference = _token_by_token(block, x, routing)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_moe_block_labels_its_stages_only_under_the_profiler():
+    from ptmoe.models.moe_block import PROFILE_REGIONS
+
+    config = ptmoe.MoeBertConfig(hidden_size=16, num_attention_heads=1, num_experts=4, num_experts_per_tok=2)
+    block = ptmoe.SparseMoeBlock(config, 16, 8, "gelu").eval()
+    x = torch.randn(2, 5, 16)
+    with torch.inference_mode(), torch.profiler.profile() as profiler:
+        block(x)
+    assert set(PROFILE_REGIONS) <= {event.key for event in profiler.key_averages()}
+
+
 def test_bench_dispatch_quick(capsys):
     load_script("bench_dispatch").main(["--quick", "--threads", "1"])
     printed = capsys.readouterr().out
     assert "E=64 k=16" in printed and "grouped_mm" in printed
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="needs ptmoe[onnx]")
+def test_bench_sparse_quick_profile_threads_and_onnx(tmp_path, capsys):
+    load_script("bench_sparse").main(["--quick", "--threads", "1", "2", "--scratch", str(tmp_path), "--skip-quality",
+                                      "--families", "bert", "--precisions", "fp32", "int8", "--onnx", "--profile"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert printed.count("## Speed:") == 2 and printed.count("## Profile:") == 2
+    assert "1 threads" in printed and "2 threads" in printed and "flags" in printed
+    for text in ("| 1 x 8 | 1/4 (E=4, k=1) |", "| int8 | 2 x 16 | dense, ONNX Runtime", "| 1/4 (E=8, k=2) | int8 |",
+                 "best BERT sparse / best BERT dense at 1 x 8", "sparse MoE (1/4, E=8, k=2) in ONNX Runtime:"):  # fmt: skip
+        assert text in printed
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -529,8 +585,8 @@ def test_bench_sparse_quick(tmp_path, capsys):
     load_script("bench_sparse").main(["--quick", "--threads", "1", "--scratch", str(tmp_path), "--cost"])
     printed = capsys.readouterr().out
     for text in (
-        "BERT (tiny) | int8 | 1/8 shared",
-        "T5 encoder (tiny) | bf16 | 1/4 (E=8, k=2)",
+        "BERT (tiny) | int8 | 2 x 16 | 1/8 shared",
+        "T5 encoder (tiny) | bf16 | 2 x 16 | 1/4 (E=8, k=2)",
         "| distilled |",
         "MRR (kept)",
         "| fit routers (5 steps per layer) |",

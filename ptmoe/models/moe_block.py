@@ -7,12 +7,23 @@ that travels inside Hub checkpoints: it imports only torch, transformers and its
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
 from .routers import RouterOutput, build_router
+
+# The labels `SparseMoeBlock` gives its stages under `torch.profiler` (`scripts/bench_sparse.py --profile` reads them).
+PROFILE_REGIONS = ("ptmoe.router", "ptmoe.dispatch", "ptmoe.gather", "ptmoe.experts", "ptmoe.combine")
+
+
+def _region(name: str, profiling: bool):
+    """A `record_function` label while a profiler runs, else nothing: the labels cost nothing when not profiling
+    (`record_function` itself costs a few microseconds per call, and a forward enters five per MoE layer)."""
+    return torch.profiler.record_function(name) if profiling else nullcontext()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -141,43 +152,107 @@ class SparseMoeBlock(nn.Module):
             `(output, router_output)` with `output` of shape `(B, S, H)`.
         """
         batch_size, seq_len, hidden_size = hidden_states.shape
+        profiling = torch.autograd._profiler_enabled()
         if token_mask is None:
             token_mask = torch.ones(batch_size, seq_len, dtype=torch.bool, device=hidden_states.device)
-        routing = self.router(hidden_states, token_mask, input_ids)
+        with _region("ptmoe.router", profiling):
+            routing = self.router(hidden_states, token_mask, input_ids)
 
         flat_states = hidden_states.reshape(-1, hidden_size)  # (N, H)
         k = routing.topk_index.shape[-1]
-        # Group the (token, slot) pairs by expert with one sort. Pairs that are not dispatched (padding, capacity
-        # overflow) get the id `num_experts`, so they sort last and are never computed.
-        slot_expert = routing.topk_index.reshape(-1).masked_fill(
-            ~routing.dispatch_mask.reshape(-1), self.num_experts
-        )  # (N*k,)
-        order = torch.argsort(slot_expert, stable=True)
-        counts = torch.bincount(slot_expert, minlength=self.num_experts + 1).tolist()  # the one host sync
-        dispatched = len(order) - counts[-1]
-        order = order[:dispatched]
-        tokens = order // k if k > 1 else order  # (D,) token row of each dispatched pair, grouped by expert
-        weights = routing.topk_weights.reshape(-1)[order].unsqueeze(-1)  # (D, 1)
-        # Per expert: gather its own rows, run it, scatter-add its weighted output. Gathering per expert (not all
-        # N*k rows into one buffer, then `cat` + one scatter) keeps each expert's rows in cache: for many small
-        # experts (E=64, k=16, BERT-base FFN, 2048 tokens) the one-buffer version moved k copies of the hidden
-        # states through memory three times and took 472 ms per layer against 140 ms per expert (dense FFN:
-        # 338 ms); grouped/batched matmuls over stacked weights (`torch.nn.functional.grouped_mm`, padded `bmm`)
-        # took 680 / 490 ms there and need one stacked weight tensor, which LoRA per expert and 4-bit cannot give.
-        output = torch.zeros_like(flat_states)
+        with _region("ptmoe.dispatch", profiling):
+            # Group the (token, slot) pairs by expert with one sort. Pairs that are not dispatched (padding,
+            # capacity overflow) get the id `num_experts`, so they sort last and are never computed.
+            slot_expert = routing.topk_index.reshape(-1).masked_fill(
+                ~routing.dispatch_mask.reshape(-1), self.num_experts
+            )  # (N*k,)
+            order = torch.argsort(slot_expert, stable=True)
+            counts = torch.bincount(slot_expert, minlength=self.num_experts + 1).tolist()  # the one host sync
+            dispatched = len(order) - counts[-1]
+            pairs = order[:dispatched]  # (D,) dispatched (token, slot) pairs, grouped by expert
+            tokens = pairs // k if k > 1 else pairs  # (D,) the token row of each
         split = counts[:-1]
+        if not torch.is_grad_enabled() and (k == 1 or len(order) <= self.sorted_dispatch_max_pairs):
+            output = self._combine_sorted(flat_states, routing, order, pairs, tokens, split, profiling)
+        else:
+            output = self._combine_per_expert(flat_states, routing, pairs, tokens, split, profiling)
+
+        output = output.view(batch_size, seq_len, hidden_size)
+        if self.shared_experts is not None:
+            with _region("ptmoe.experts", profiling):
+                for shared_expert in self.shared_experts:
+                    output = output + shared_expert(hidden_states)
+        return output, routing
+
+    # Inference with one expert per token or few (token, slot) pairs: one gather, per-expert slices, one gather
+    # back (see `_combine_sorted` for when it wins and loses).
+    sorted_dispatch_max_pairs = 512
+
+    def _weights_are_ones(self) -> bool:
+        return getattr(self.router, "combine_weights", "router") == "ones"
+
+    def _combine_per_expert(self, flat_states, routing, pairs, tokens, split, profiling) -> torch.Tensor:
+        """Per expert: gather its own rows, run it, scatter-add its weighted output (training, and many experts per
+        token).
+
+        Gathering per expert (not all N*k rows into one buffer, then `cat` + one scatter) keeps each expert's rows
+        in cache: for many small experts (E=64, k=16, BERT-base FFN, 2048 tokens) the one-buffer version moved k
+        copies of the hidden states through memory three times and took 472 ms per layer against 140 ms per
+        expert (dense FFN: 338 ms); grouped/batched matmuls over stacked weights (`grouped_mm`, padded `bmm`)
+        took 680 / 490 ms there and need one stacked weight tensor, which LoRA per expert and 4-bit cannot give.
+        """
+        weights = routing.topk_weights.reshape(-1)[pairs].unsqueeze(-1)  # (D, 1)
+        ones = self._weights_are_ones()
+        output = torch.zeros_like(flat_states)
         for expert, expert_tokens, expert_weights in zip(
             self.experts, tokens.split(split), weights.split(split), strict=True
         ):
             if expert_tokens.shape[0] == 0:
                 continue
-            expert_output = self._expert_forward(expert, flat_states.index_select(0, expert_tokens))
-            # `.to`: an fp32 `wo` (T5's `_keep_in_fp32_modules` under fp16 loads) returns fp32 expert outputs.
-            weighted = expert_output * expert_weights.to(expert_output.dtype)
-            output.index_add_(0, expert_tokens, weighted.to(output.dtype))
+            with _region("ptmoe.gather", profiling):
+                expert_input = flat_states.index_select(0, expert_tokens)
+            with _region("ptmoe.experts", profiling):
+                expert_output = self._expert_forward(expert, expert_input)
+            with _region("ptmoe.combine", profiling):
+                # `.to`: an fp32 `wo` (T5's `_keep_in_fp32_modules` under fp16 loads) returns fp32 expert outputs.
+                if not ones:  # `combine_weights="ones"`: a multiply by 1 costs a pass over the rows
+                    expert_output = expert_output * expert_weights.to(expert_output.dtype)
+                output.index_add_(0, expert_tokens, expert_output.to(output.dtype))
+        return output
 
-        output = output.view(batch_size, seq_len, hidden_size)
-        if self.shared_experts is not None:
-            for shared_expert in self.shared_experts:
-                output = output + shared_expert(hidden_states)
-        return output, routing
+    def _combine_sorted(self, flat_states, routing, order, pairs, tokens, split, profiling) -> torch.Tensor:
+        """One gather of every dispatched row into an expert-sorted buffer, each expert on its slice of it, and one
+        gather back into (token, slot) order summed over the k slots (inference; k = 1 or few pairs).
+
+        Why: in bf16 on an AMX CPU the experts' products take only about half of a sparse layer (one-layer
+        `torch.profiler` run, BERT-base FFN split E=8/k=2, 1,024 tokens); the rest is per-expert overhead, chiefly
+        `index_add_` (bf16 scatter-add is not vectorised: ~100 µs per 256-row block). Here each expert costs
+        one module call on a view, and rows return by the inverse permutation (undispatched pairs read one extra
+        zero row). Measured against the per-expert path (one layer, 1 thread, loaded machine, 11 rounds,
+        per-expert / sorted time): E=4/k=1 1,024 tokens 1.11 fp32, 1.18 bf16; 32 tokens 1.15 / 1.12; E=8/k=2
+        32 tokens 1.10 / 1.15 — but E=8/k=2 1,024 tokens 0.79 / 0.87 and E=64/k=16 2,048 tokens 0.47 / 0.33:
+        with many pairs the buffers are k copies of the hidden states, out of cache, which the per-expert path
+        never builds. Hence `sorted_dispatch_max_pairs`.
+        """
+        num_pairs, hidden_size = order.shape[0], flat_states.shape[-1]
+        k = num_pairs // flat_states.shape[0]
+        with _region("ptmoe.gather", profiling):
+            expert_input = flat_states.index_select(0, tokens)  # (D, H), grouped by expert
+        with _region("ptmoe.experts", profiling):
+            outputs = [
+                self._expert_forward(expert, rows)
+                for expert, rows in zip(self.experts, expert_input.split(split), strict=True)
+                if rows.shape[0]
+            ]
+        with _region("ptmoe.combine", profiling):
+            # `.to`: an fp32 `wo` (T5's `_keep_in_fp32_modules` under fp16 loads) returns fp32 expert outputs.
+            dtype = outputs[0].dtype if outputs else flat_states.dtype
+            outputs.append(flat_states.new_zeros(1, hidden_size, dtype=dtype))  # read by undispatched pairs
+            expert_output = torch.cat(outputs)  # (D + 1, H)
+            position = torch.full((num_pairs,), pairs.shape[0], dtype=torch.long, device=order.device)
+            position[pairs] = torch.arange(pairs.shape[0], device=order.device)  # (N*k,) row of each pair
+            gathered = expert_output.index_select(0, position).view(-1, k, hidden_size)  # (N, k, H)
+            if not self._weights_are_ones():
+                gathered = gathered * routing.topk_weights.reshape(-1, k, 1).to(dtype)
+            output = gathered.sum(1) if k > 1 else gathered.view(-1, hidden_size)
+        return output.to(flat_states.dtype)

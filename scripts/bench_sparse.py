@@ -34,6 +34,7 @@ steps are alike: same batch size and length distribution), and the table says so
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import time
 from pathlib import Path
@@ -122,7 +123,9 @@ def _forward(model):
 
 
 @torch.inference_mode()
-def time_round_robin(runners: dict, vocab: int, batch: int, seq: int, warmup: int, runs: int) -> dict[str, list[float]]:
+def time_round_robin(
+    runners: dict, vocab: int, batch: int, seq: int, warmup: int, runs: int
+) -> dict[str, list[float]]:
     """Seconds per call of every runner (`name -> callable(input_ids, mask)`), one call each per round."""
     input_ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(batch, seq, dtype=torch.long)
@@ -196,7 +199,9 @@ def try_sparse_onnx(model: torch.nn.Module, folder: Path) -> str:
         return f"exported and ran in ONNX Runtime (max abs difference to torch at 1 x 32 tokens: {error:.2e})"
     except Exception as error:  # the reason is the result here
         lines = [line for line in str(error).splitlines() if line.strip()]
-        cause = next((line for line in lines if "GuardOnDataDependent" in line or "Unsupported" in line), lines[0])
+        cause = next(
+            (line for line in lines if "GuardOnDataDependent" in line or "Unsupported" in line), lines[0]
+        )
         return f"not exported: {type(error).__name__}: {cause.strip()[:300]}"
 
 
@@ -232,16 +237,22 @@ def speed(args) -> None:
         print(f"\n## Speed: {cpu_description(threads)}; torch {torch.__version__}")
         print(f"{args.runs} rounds at {throughput[0]} x {throughput[1]} tokens, {args.latency_runs} at batch 1; "
               "one call of each model per round; ratio = median of per-round dense / sparse time [range]")  # fmt: skip
-        print("| model | precision | batch x tokens | variant | tokens/s | median ms | p90 ms | speed / dense [range] |")
+        print(
+            "| model | precision | batch x tokens | variant | tokens/s | median ms | p90 ms | speed / dense [range] |"
+        )
         print("|---|---|---|---|---|---|---|---|")
         best: dict[tuple[int, int], dict[str, tuple[float, str]]] = {}
         for family, shape in families.items():
             label = ("BERT" if family == "bert" else "T5 encoder") + (" (tiny)" if args.quick else "-base")
             for precision in args.precisions:
-                models = {name: convert(model, precision) for name, model in build_models(family, shape).items()}
+                models = {
+                    name: convert(model, precision) for name, model in build_models(family, shape).items()
+                }
                 runners = {name: _forward(model) for name, model in models.items()}
                 if family == "bert" and precision in onnx_paths:
-                    runners[f"dense, ONNX Runtime {onnx_version()}"] = onnx_runner(onnx_paths[precision], threads)
+                    runners[f"dense, ONNX Runtime {onnx_version()}"] = onnx_runner(
+                        onnx_paths[precision], threads
+                    )
                 vocab = models["dense"].config.vocab_size
                 for batch, seq in shapes:
                     runs = args.runs if (batch, seq) == throughput else args.latency_runs
@@ -310,8 +321,14 @@ def _label_modules(model: torch.nn.Module) -> list:
 def profile_forward(model: torch.nn.Module, batch: int, seq: int, runs: int) -> dict[str, float]:
     """Milliseconds per layer and forward for each labelled part, `other` (embeddings, LayerNorms, residuals,
     the profiler's own cost) = wall time minus the parts, and `total`."""
-    layers = model.config.num_hidden_layers if hasattr(model.config, "num_hidden_layers") else model.config.num_layers
-    input_ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    layers = (
+        model.config.num_hidden_layers
+        if hasattr(model.config, "num_hidden_layers")
+        else model.config.num_layers
+    )
+    input_ids = torch.randint(
+        0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0)
+    )
     mask = torch.ones(batch, seq, dtype=torch.long)
     model(input_ids=input_ids, attention_mask=mask)  # warm-up
     handles = _label_modules(model)

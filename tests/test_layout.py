@@ -16,6 +16,7 @@ FLOORS = {
     "errors": 0,
     "corpora": 0,
     "energy": 0,
+    "hardware": 0,
     "calibration": 1,
     "auto": 2,
     "parallel": 2,

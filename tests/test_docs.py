@@ -188,7 +188,8 @@ def _t5_batch(namespace: dict, workdir: Path, fixtures) -> None:
 
 
 def _moe_folder(namespace: dict, workdir: Path, fixtures) -> None:
-    shutil.copytree(fixtures["moe_folder"], workdir / "bertimbau-moe-8x")
+    if not (workdir / "bertimbau-moe-8x").exists():  # a later block of the page may ask again
+        shutil.copytree(fixtures["moe_folder"], workdir / "bertimbau-moe-8x")
 
 
 def _dataloader(namespace: dict, workdir: Path, fixtures) -> None:

@@ -23,8 +23,8 @@ from transformers import (
 
 import ptmoe
 from ptmoe import training
-from ptmoe.calibration import load_texts
-from ptmoe.compress.distillation import _TextDataset, check_teacher, distillation_trainer
+from ptmoe.calibration import TokenizedTexts, load_texts
+from ptmoe.compress.distillation import check_teacher, distillation_trainer
 from ptmoe.errors import run_script
 from ptmoe.telemetry import add_router_telemetry, find_moe_blocks
 
@@ -72,7 +72,7 @@ def main(args: list[str] | None = None) -> dict:
     trainer = distillation_trainer(
         student,
         teacher,
-        _TextDataset(texts, tokenizer, distill_args.max_seq_length),
+        TokenizedTexts(texts, tokenizer, distill_args.max_seq_length),
         tokenizer,
         training_args,
         distill_args.hidden_weight,

@@ -1,5 +1,5 @@
 """The house stays clean: imports inside `ptmoe` point down the floors, never up, never in a cycle, and no module
-uses another package's private names. The floors are the layout map of docs/incoming/calibration.md."""
+uses another package's private names. The floors are the layout map of docs/architecture.md."""
 
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
     texts.py        load_texts (lists, datasets, text files), read_calibration_file, data_file_builder
     tokenizers.py   resolve_tokenizer (of a model), load_tokenizer (of a checkpoint), has_vocabulary
     batches.py      batches (padded), calibration_sequences + length_batches (unpadded), model_inputs (the one
-                    decoder-input rule of encoder-decoders), move_to
+                    decoder-input rule of encoder-decoders), move_to,
+                    TokenizedTexts (a tokenized text dataset for a Trainer)
     blocks.py       is_moe_block / moe_blocks / expert_owners: the one MoE block finder
     activations.py  collect_ffn_activations (dense FFN neurons), collect_input_norms / input_norm_statistics
 
@@ -12,7 +13,7 @@ Upcycling, sparsify, compress (pruning, distillation), merging, domains and tele
 """
 
 from .activations import CalibrationStats, collect_ffn_activations, collect_input_norms, input_norm_statistics
-from .batches import batches, calibration_sequences, length_batches, model_inputs, move_to
+from .batches import TokenizedTexts, batches, calibration_sequences, length_batches, model_inputs, move_to
 from .blocks import expert_owners, is_moe_block, moe_blocks
 from .texts import DATA_FILE_BUILDERS, data_file_builder, load_texts, read_calibration_file
 from .tokenizers import TOKENIZER_FILES, has_vocabulary, load_tokenizer, resolve_tokenizer
@@ -21,6 +22,7 @@ __all__ = [
     "DATA_FILE_BUILDERS",
     "TOKENIZER_FILES",
     "CalibrationStats",
+    "TokenizedTexts",
     "batches",
     "calibration_sequences",
     "collect_ffn_activations",

@@ -218,3 +218,18 @@ def length_batches(
 
 
 __all__ = ["batches", "calibration_sequences", "length_batches", "model_inputs", "move_to"]
+
+
+class TokenizedTexts(torch.utils.data.Dataset):
+    """Texts tokenized once (truncated to `max_length`, unpadded), as `input_ids` / `attention_mask` items for a
+    `Trainer` with a padding collator (distillation's training set)."""
+
+    def __init__(self, texts: Sequence[str], tokenizer, max_length: int):
+        self.encodings = [tokenizer(text, truncation=True, max_length=max_length) for text in texts]
+
+    def __len__(self) -> int:
+        return len(self.encodings)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.encodings[index]
+        return {"input_ids": item["input_ids"], "attention_mask": item["attention_mask"]}

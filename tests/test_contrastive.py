@@ -1,4 +1,4 @@
-"""ptmoe.evaluation.retrieval and ptmoe.training.contrastive: metrics against hand-computed ranks, the loss against
+"""ptmoe.evaluation.retrieval and ptmoe.evaluation.contrastive: metrics against hand-computed ranks, the loss against
 its definition, schedules without repeated pairs, and a tiny encoder that learns half-sentence retrieval."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
+from ptmoe.evaluation.contrastive import contrastive_loss, pair_schedule, train_contrastive
 from ptmoe.evaluation.retrieval import half_sentence_retrieval, mean_pool, retrieval_scores, split_halves
-from ptmoe.training.contrastive import contrastive_loss, pair_schedule, train_contrastive
 
 
 def test_retrieval_scores_match_hand_ranks():

@@ -7,6 +7,9 @@ sources.py    the loading chain (Hub dataset → the Hub's parquet export → th
 run.py        fine-tune + evaluate over seeds (ptmoe.training's loop), dense baseline, results JSON, and the
               conversion of results into model-card `model-index` entries
 few_shot.py   k examples per class: logistic regression on frozen embeddings, LoRA; mean and spread over seeds
+retrieval.py  sentence-encoder metrics: mean pooling, half-sentence retrieval (recall@1, MRR), the MiniLM locator
+contrastive.py  contrastive continued training (half-sentence pairs, in-batch negatives) that bench_quality scores
+              with retrieval.py: the quality protocol for a converged encoder
 cli.py        `ptmoe evaluate` / `scripts/evaluate_pt.py`
 fixtures/     a tiny mirror of each dataset in its exact schema, and original/: tiny files in each dataset's
               original format (sentences written for ptmoe)

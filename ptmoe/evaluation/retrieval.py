@@ -7,7 +7,7 @@ sentence-transformers' MiniLM / MPNet encoders). Reported: recall@1 (share ranke
     sentences ──► split_halves ──► embed (mean_pool) ──► retrieval_scores ──► {"recall@1", "mrr"}
 
 Used by `scripts/bench_sparse.py` (sparse vs dense quality) and `scripts/bench_quality.py` (continued training),
-and by the contrastive objective (`ptmoe.training.contrastive`) for the same pooling.
+and by the contrastive objective (`ptmoe.evaluation.contrastive`) for the same pooling.
 """
 
 from __future__ import annotations

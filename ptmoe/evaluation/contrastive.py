@@ -21,7 +21,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..evaluation.retrieval import mean_pool
+from ..domains import domain_routing_loss
+from ..models.router_losses import total_loss
+from .retrieval import mean_pool
 
 __all__ = ["contrastive_loss", "pair_schedule", "train_contrastive"]
 
@@ -131,9 +133,6 @@ def train_contrastive(
     model.train()
     losses: list[float] = []
     wall = 0.0
-    from ..domains import domain_routing_loss
-    from ..models.router_losses import total_loss
-
     for step, rows in enumerate(schedule):
         start = time.perf_counter()
         index = rows.tolist()

@@ -285,6 +285,41 @@ def test_small_expert_batches_are_padded_only_in_cpu_fp32_inference(mode):
         torch.testing.assert_close(out, _reference_block_output(block, hidden, routing), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_half_precision_expert_batches_run_in_row_buckets(mode):
+    """In bf16 CPU inference an expert's rows are padded to a bucket (oneDNN builds a kernel per new row count); the
+    output matches the token-by-token reference, and training keeps its own rows."""
+    config = ptmoe.MoeBertConfig(hidden_size=H, num_experts=E, num_experts_per_tok=1, router_type="topk")
+    block = ptmoe.SparseMoeBlock(config, H, 24, "gelu").train(mode == "train")
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    block = block.to(torch.bfloat16)
+    wanted = torch.tensor([0] * 17 + [1] * 33 + [2] * 5 + [3] * 9)  # 17, 33, 5 and 9 tokens
+    hidden = torch.randn(len(wanted), 1, H)
+    with torch.no_grad():
+        block.router.weight.copy_(torch.eye(E, H) * 100.0)
+        hidden[:, 0, :E] = F.one_hot(wanted, E).float() * 10.0
+    hidden = hidden.to(torch.bfloat16)
+    rows_seen = []
+    for expert in block.experts:
+        expert.register_forward_hook(lambda module, args, output: rows_seen.append(args[0].shape[0]))
+    out, routing = block(hidden)
+    assert torch.equal(routing.topk_index.flatten(), wanted)
+    assert rows_seen == ([18, 36, 5, 9] if mode == "eval" else [17, 33, 5, 9])
+    torch.testing.assert_close(out, _reference_block_output(block, hidden, routing), atol=2e-2, rtol=2e-2)
+
+
+def test_row_buckets_are_few_and_tight():
+    from ptmoe.models.moe_block import _row_bucket
+
+    buckets = [_row_bucket(rows) for rows in range(1, 4097)]
+    assert all(
+        rows <= bucket <= max(16, rows * 9 // 8 + 1)
+        for rows, bucket in zip(range(1, 4097), buckets, strict=True)
+    )
+    assert len(set(buckets)) <= 16 + 8 * 8
+
+
 def test_dropped_tokens_get_zero_expert_output():
     config = ptmoe.MoeBertConfig(
         hidden_size=H, num_experts=E, num_experts_per_tok=1, router_type="switch", eval_capacity_factor=0.25
@@ -376,3 +411,39 @@ def test_expert_index_marks_undispatched_slots():
     assert (out.expert_index[~mask] == -1).all()
     assert torch.equal(out.expert_index[mask], out.topk_index[mask])
     assert F.one_hot(out.topk_index, E).sum(-2).max() == 1
+
+
+def test_bf16_inference_reuses_reordered_expert_weights_and_notices_updates():
+    """CPU bf16 inference runs the experts on weights reordered once for oneDNN: outputs equal the plain layers',
+    an in-place weight update rebuilds the copy, and autograd or a deep copy never see it."""
+    import copy
+
+    from ptmoe.models import moe_block
+
+    if not moe_block._onednn_bf16():
+        pytest.skip("this torch build has no oneDNN bf16 linear")
+    config = ptmoe.MoeBertConfig(hidden_size=H, num_experts=E, num_experts_per_tok=2, router_type="topk")
+    block = ptmoe.SparseMoeBlock(config, H, 24, "gelu").eval().to(torch.bfloat16)
+    hidden, ids, mask = _inputs()
+    hidden = hidden.to(torch.bfloat16)
+    with torch.no_grad():
+        plain, routing = block(hidden, mask, ids)  # fills the cache
+    assert block.experts[0].wi in moe_block._PACKED_WEIGHTS
+    torch.testing.assert_close(plain, _reference_block_output(block, hidden, routing), atol=2e-2, rtol=2e-2)
+    with torch.inference_mode():
+        packed, _ = block(hidden, mask, ids)
+    with torch.enable_grad():
+        with_grad, _ = block(hidden, mask, ids)
+    assert torch.equal(packed, plain) and torch.equal(with_grad.detach(), plain)
+    with torch.no_grad():
+        for expert in block.experts:
+            expert.wo.weight.mul_(2.0)  # in place: the version counter moves
+        doubled, _ = block(hidden, mask, ids)
+    with torch.enable_grad():
+        reference, _ = block(hidden, mask, ids)
+    assert torch.equal(doubled, reference.detach()) and not torch.equal(doubled, plain)
+    clone = copy.deepcopy(block)
+    assert clone.experts[0].wi not in moe_block._PACKED_WEIGHTS
+    assert set(clone.state_dict()) == set(block.state_dict())
+    with torch.no_grad():
+        assert torch.equal(clone(hidden, mask, ids)[0], doubled)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 from huggingface_hub import EvalResult
@@ -228,6 +229,8 @@ def test_quick_run_writes_results_that_render_into_a_card(quick_models, tmp_path
             entry["model"]["mean"] - entry["dense_baseline"]["mean"]
         )
         assert entry["dataset"]["fixtures"] is True and entry["anchors"]
+        fixture_dir = suites.get_suite(entry["suite"]).fixture_dir
+        assert Path(entry["dataset"]["source"]).resolve() == fixture_dir.resolve()  # where the data came from
     # the same command again refuses to overwrite (the script's run_script turns this into one line, exit 2)
     with pytest.raises(FileExistsError, match="not empty"):
         evaluate_pt_main(args)

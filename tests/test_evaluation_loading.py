@@ -97,8 +97,9 @@ def test_failed_export_falls_back_to_the_original_files(monkeypatch):
     net = FakeNetwork(
         monkeypatch, hub=SCRIPT_ERROR, export=FileNotFoundError("no refs/convert/parquet branch")
     )
-    raw = suites.load_suite_data(suite)
+    raw, source = suites.load_suite_data(suite, return_source=True)
     assert net.downloads == [dict(suite.original.urls)]
+    assert source.startswith("the original conll files")  # what results.json records as the data's source
     assert [len(raw[s]) for s in suites.SPLITS] == [4, 2, 3]
     names = raw["train"].features["ner_tags"].feature.names
     assert names == list(suite.labels)

@@ -315,7 +315,9 @@ def evaluate_suite(suite: Suite, config: EvalConfig, output_dir: Path) -> dict[s
     from .suites import load_suite_data
 
     source_dir = suite_data_dir(suite, config.data_dir)
-    raw = load_suite_data(suite, source_dir, cache_dir=config.cache_dir, splits=("train", "test"))
+    raw, source = load_suite_data(
+        suite, source_dir, cache_dir=config.cache_dir, splits=("train", "test"), return_source=True
+    )
     raw = training.limit_samples(raw, config.max_train_samples, None)
     if config.max_eval_samples is not None:
         raw["test"] = raw["test"].select(range(min(len(raw["test"]), config.max_eval_samples)))
@@ -329,7 +331,7 @@ def evaluate_suite(suite: Suite, config: EvalConfig, output_dir: Path) -> dict[s
             "hub_id": suite.hub_id,
             "config": suite.hub_config,
             "split": suite.splits["test"],
-            "source": str(source_dir) if source_dir is not None else "hub",
+            "source": source,
             "fixtures": source_dir is not None and Path(source_dir).resolve().is_relative_to(FIXTURES_DIR),
             "train_examples": len(raw["train"]),
             "test_examples": len(raw["test"]),

@@ -538,6 +538,7 @@ def load_suite_data(
     data_dir: str | Path | None = None,
     cache_dir: str | None = None,
     splits: Sequence[str] = SPLITS,
+    return_source: bool = False,
 ):
     """Load a suite's splits from a local mirror or from the Hub, with labels as the suite's `ClassLabel`s.
 
@@ -550,9 +551,12 @@ def load_suite_data(
             export, the original files).
         cache_dir (`str`, *optional*): `datasets` cache folder.
         splits (`Sequence[str]`): the ptmoe splits to load (default all three).
+        return_source (`bool`, *optional*, defaults to `False`): also return a description of where the data came
+            from (the local folder, the Hub dataset, its parquet export or the original files).
 
     Returns:
-        `datasets.DatasetDict` with keys `train`, `validation`, `test` (those asked for).
+        `datasets.DatasetDict` with keys `train`, `validation`, `test` (those asked for); with `return_source`,
+        `(raw, source)`.
 
     Raises:
         FileNotFoundError: a local folder without one of the split files.
@@ -599,7 +603,7 @@ def load_suite_data(
     raw = datasets.DatasetDict({s: raw[s] for s in splits})
     check_schema(suite, raw, source)
     raw = _cast_labels(suite, raw, source)
-    return raw
+    return (raw, source) if return_source else raw
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -138,6 +138,10 @@ class _ReorderedLinear(torch.nn.Module):
         super().__init__()
         self.linear = linear
 
+    @property
+    def weight(self) -> torch.Tensor:  # read by model code (T5's FFN checks `wo.weight`'s dtype)
+        return self.linear.weight
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return _project(self.linear, hidden_states)
 

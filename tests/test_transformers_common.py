@@ -198,6 +198,11 @@ def make_test_case(
     """A `unittest.TestCase` running transformers' common tests over `model_classes` with `router_type`."""
 
     def setUp(self):
+        # transformers' testers draw input ids from an unseeded `random.Random` (`set_seed` does not reach it). An
+        # MoE routes discretely: a token whose top experts are nearly tied can change expert between eager and
+        # sdpa attention in bf16, so `test_eager_matches_sdpa_inference` failed on about 1 in 10 draws (before
+        # and after the bf16 expert kernels of issue #23). Seeded, every test sees the same inputs on every run.
+        common.global_rng.seed(0)
         self.model_tester = tester(self, router_type, **tester_kw)
         size = {"d_model": 37} if config_class is ptmoe.MoeT5Config else {"hidden_size": 37}
         self.config_tester = common.ConfigTester(self, config_class=config_class, **size)

@@ -149,8 +149,9 @@ def load_common_tests() -> types.SimpleNamespace:
     """Import transformers' `ModelTesterMixin`, `ConfigTester` and helpers for the installed version.
 
     Returns:
-        A namespace with `ModelTesterMixin`, `ConfigTester`, `ids_tensor`, `random_attention_mask`,
-        `GenerationTesterMixin` (an empty stand-in when the sdist lacks it) and `folder` (where the tests are).
+        A namespace with `ModelTesterMixin`, `ConfigTester`, `ids_tensor`, `random_attention_mask`, `global_rng`
+        (the `random.Random` those two draw from), `GenerationTesterMixin` (an empty stand-in when the sdist lacks
+        it) and `folder` (where the tests are).
 
     Raises:
         `CommonTestsUnavailable`: see `tests_folder`.
@@ -166,5 +167,6 @@ def load_common_tests() -> types.SimpleNamespace:
         GenerationTesterMixin=generation.GenerationTesterMixin,
         ids_tensor=modeling.ids_tensor,
         random_attention_mask=modeling.random_attention_mask,
+        global_rng=modeling.global_rng,
         folder=folder,
     )

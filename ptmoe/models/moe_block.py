@@ -46,9 +46,8 @@ def _row_bucket(rows: int) -> int:
 # core took 26 / 44 / 127 µs for 8 / 32 / 256 rows against 61 / 67 / 178 µs (768 → 3072: 238 / 263 / 914 against
 # 386 / 450 / 1,246 µs). The reordered copy costs the weights' size once more in memory; it is rebuilt when a
 # weight changes (new tensor or in-place update) and is never used while autograd records.
-_PACKED_WEIGHTS: weakref.WeakKeyDictionary = (
-    weakref.WeakKeyDictionary()
-)  # nn.Linear → (weight key, packed weight)
+# nn.Linear → ((data_ptr, version, shape) of the weight it was built from, reordered weight)
+_PACKED_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ONEDNN_BF16 = None
 
 
@@ -127,9 +126,6 @@ class MoeExpert(nn.Module):
         projections = (self.wi_0, self.wi_1, self.wo) if self.gated else (self.wi, self.wo)
         weights = [getattr(projection, "weight", None) for projection in projections]
         return all(isinstance(w, torch.Tensor) and w.dtype == dtype for w in weights)
-
-    def has_plain_fp32_weights(self) -> bool:
-        return self.has_plain_weights(torch.float32)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.gated:
